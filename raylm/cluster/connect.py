@@ -1,0 +1,100 @@
+"""Connect to an existing Ray cluster or start an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from raylm.errors import UserError
+
+# Ray's own getter returns the machine's routable address unless told that
+# clusters are off; an embedded cluster then lives on 127.0.0.1 only.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@dataclass
+class ClusterInfo:
+    address: str
+    embedded: bool
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+def _quiet_env() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, log_to_driver: bool = False) -> ClusterInfo:
+    """``address`` None starts a local cluster bound to 127.0.0.1 without a dashboard."""
+    import ray
+
+    _quiet_env()
+    if ray.is_initialized():
+        return describe(embedded=False)
+    if address is None:
+        os.environ[_LOOPBACK_ENV] = "0"
+        ray.init(
+            num_cpus=local_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+        return describe(embedded=True)
+    try:
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot connect to the Ray cluster at cluster.address={address!r} ({first_line}); start it with 'ray start --head' "
+            "or leave the address out to run on an embedded local cluster"
+        ) from None
+    return describe(embedded=False)
+
+
+def describe(embedded: bool) -> ClusterInfo:
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return ClusterInfo(
+        address=ray.get_runtime_context().gcs_address,
+        embedded=embedded,
+        nodes=len(nodes),
+        cpus=resources.get("CPU", 0.0),
+        gpus=resources.get("GPU", 0.0),
+    )
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def wants_gpu(use_gpu: str, info: ClusterInfo) -> bool:
+    if use_gpu == "true":
+        if info.gpus == 0:
+            raise UserError("cluster.use_gpu='true' but the Ray cluster has no GPUs; set cluster.use_gpu=auto or false")
+        return True
+    return use_gpu == "auto" and info.gpus > 0
+
+
+def check_capacity(num_workers: int, cpus_per_worker: int, use_gpu: bool, info: ClusterInfo) -> None:
+    """Refuse a stage the cluster can never place, instead of waiting forever."""
+    if use_gpu and num_workers > info.gpus:
+        raise UserError(f"cluster.num_workers={num_workers} needs {num_workers} GPUs but the cluster has {info.gpus:g}; lower cluster.num_workers")
+    needed = num_workers * cpus_per_worker
+    # The Ray Train controller takes no CPU, so workers may use every one.
+    if not use_gpu and needed > info.cpus:
+        raise UserError(
+            f"cluster.num_workers={num_workers} x cluster.cpus_per_worker={cpus_per_worker} needs {needed} CPUs but the cluster has {info.cpus:g}; "
+            "lower them or set cluster.local_cpus"
+        )

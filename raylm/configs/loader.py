@@ -1,0 +1,179 @@
+"""Compose a RunConfig: preset < YAML file < ``key=value`` dotlist.
+
+Every OmegaConf error (unknown key, wrong type) becomes a one-line
+``UserError`` naming the key; nothing here starts Ray or imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from raylm.configs.schema import STAGE_SECTIONS, RunConfig, StageConfig
+from raylm.errors import UserError
+
+DEFAULT_PRESET = "tiny"
+
+
+def preset_names() -> List[str]:
+    folder = resources.files("raylm.configs") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_text(name: str) -> str:
+    return (resources.files("raylm.configs") / "presets" / f"{name}.yaml").read_text()
+
+
+def _read_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{origin}:{where} is not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{origin} must be a mapping of config sections, got a {type(data).__name__}")
+    return data
+
+
+def _source_layer(source: str) -> tuple[dict, str]:
+    """A preset name or a YAML path -> (mapping, human origin)."""
+    path = Path(source)
+    if source in preset_names():
+        return _read_yaml(_preset_text(source), f"preset '{source}'"), f"preset '{source}'"
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file {source} does not exist; give a YAML path or a preset ({', '.join(preset_names())})")
+        return _read_yaml(path.read_text(), str(path)), str(path)
+    hint = difflib.get_close_matches(source, preset_names(), n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise UserError(f"'{source}' is neither a preset nor a YAML file{did_you_mean}; presets: {', '.join(preset_names())}")
+
+
+def _known_keys(cls: type, prefix: str = "") -> List[str]:
+    keys = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_known_keys(type(default), key + "."))
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    candidates = _known_keys(RunConfig) + [f"stages.N.{f.name}" for f in fields(StageConfig)]
+    normalized = re.sub(r"stages\.\d+\.", "stages.N.", key)
+    hint = difflib.get_close_matches(normalized, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+def _explain(err: OmegaConfBaseException, origin: str) -> UserError:
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).splitlines()[0]
+    if "Key '" in message and "not in" in message or "Could not override" in message or "Missing key" in message:
+        return UserError(f"unknown config key '{key}' in {origin}{_did_you_mean(key)}; run 'raylm config keys' to list keys")
+    if "Value '" in message and ("could not be converted" in message or "is not a valid" in message):
+        return UserError(f"config key '{key}' in {origin}: {message}")
+    return UserError(f"config key '{key}' in {origin}: {message}" if key else f"{origin}: {message}")
+
+
+def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, origin) from None
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``key=value`` items in order; list items by index (``stages.1.kind=sft``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' must look like key=value (e.g. train.max_steps=50)")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as err:
+            if not getattr(err, "full_key", None):
+                err.full_key = key  # type: ignore[attr-defined]
+            raise _explain(err, f"override '{item}'") from None
+    return cfg
+
+
+def load_config(source: Optional[str] = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Compose, type-check and validate a run config.
+
+    ``source`` is a preset name or YAML path (default: the tiny preset). The
+    result is a typed ``RunConfig`` object (not a DictConfig).
+    """
+    from raylm.configs.validate import validate
+
+    cfg = OmegaConf.structured(RunConfig)
+    preset_data = _read_yaml(_preset_text(DEFAULT_PRESET), f"preset '{DEFAULT_PRESET}'")
+    cfg = _merge(cfg, preset_data, f"preset '{DEFAULT_PRESET}'")
+    if source is not None and source != DEFAULT_PRESET:
+        data, origin = _source_layer(source)
+        cfg = _merge(cfg, data, origin)
+    cfg = apply_overrides(cfg, list(overrides))
+    run = _to_object(cfg)
+    validate(run)
+    return run
+
+
+def _to_object(cfg: DictConfig) -> RunConfig:
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the config") from None
+
+
+def to_yaml(run: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
+def from_yaml_file(path: Path) -> RunConfig:
+    """Load a resolved config written by ``to_yaml`` (a run's config.yaml)."""
+    data = _read_yaml(path.read_text(), str(path))
+    return _to_object(_merge(OmegaConf.structured(RunConfig), data, str(path)))
+
+
+def resolve_stage(run: RunConfig, index: int) -> RunConfig:
+    """The run's config as seen by stage ``index``: its overrides merged in.
+
+    The stage's per-section mappings are merged onto the typed sections, so an
+    unknown key or a wrong type in a stage is reported with its full key.
+    """
+    stage = run.stages[index]
+    base = OmegaConf.structured(run)
+    for section in STAGE_SECTIONS:
+        override = getattr(stage, section)
+        if override:
+            try:
+                merged = OmegaConf.merge(base[section], override)
+            except OmegaConfBaseException as err:
+                key = getattr(err, "full_key", "") or section
+                raise UserError(
+                    f"stage '{stage.name}': bad key 'stages.{index}.{key}'{_did_you_mean(key)}: {str(err).splitlines()[0]}"
+                ) from None
+            base[section] = merged
+    return _to_object(base)
+
+
+def dump_nested(cfg: Any) -> Any:
+    """A plain-Python view (dicts, lists, scalars) of a config object."""
+    container = OmegaConf.structured(cfg) if not isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    return OmegaConf.to_container(container, resolve=True)

@@ -1,0 +1,153 @@
+"""The typed configuration of a raylm run: one dataclass per section.
+
+Every field carries its help text in ``metadata["help"]`` so that the CLI can
+explain keys (``raylm config keys``) and error messages can quote them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text."""
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _f(2048, "Vocabulary size; the BPE tokenizer is trained to this size (the byte tokenizer needs >= 259).")
+    d_model: int = _f(128, "Width of the residual stream.")
+    n_layer: int = _f(4, "Number of transformer blocks.")
+    n_head: int = _f(4, "Number of query heads; must divide d_model.")
+    n_kv_head: Optional[int] = _f(None, "Key/value heads for grouped-query attention; null means n_head (plain multi-head).")
+    ffn_hidden: Optional[int] = _f(None, "SwiGLU hidden width; null means 8/3 * d_model rounded up to multiple_of.")
+    multiple_of: int = _f(32, "Rounding for the derived SwiGLU hidden width.")
+    max_seq_len: int = _f(128, "Context length in tokens; training sequences are this long.")
+    rope_theta: float = _f(10000.0, "RoPE base frequency.")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = _f(True, "Share the token embedding with the output head.")
+    init_std: float = _f(0.02, "Standard deviation of the normal weight init (output projections are scaled by 1/sqrt(2 n_layer)).")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = _f(1, "Tensor-parallel degree: heads and MLP width split across this many ranks of one node.")
+    pp: int = _f(1, "Pipeline-parallel degree: blocks split into this many stages.")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3 over the data-parallel ranks (pp > 1 allows 0 or 1).")
+    micro_batch_size: int = _f(4, "Sequences per rank per forward pass.")
+    pipeline_microbatches: Optional[int] = _f(None, "Micro-batches per pipeline step; null means gradient accumulation steps.")
+    activation_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass.")
+    sequence_parallel: bool = _f(False, "Split norm/dropout activations along the sequence across tensor-parallel ranks.")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a text file, a directory, a glob, or a .jsonl file; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages.")
+    text_field: str = _f("text", "Field holding the text in JSONL corpora.")
+    tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
+    val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")
+    num_proc_tokenize: int = _f(1, "Processes used to tokenize the corpus.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-3, "Peak learning rate of AdamW.")
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of lr after cosine decay.")
+    warmup_steps: int = _f(10, "Linear warm-up steps before cosine decay.")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms and biases).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(60, "Optimizer steps in this stage.")
+    global_batch_size: int = _f(16, "Sequences per optimizer step across all data-parallel ranks.")
+    seed: int = _f(1234, "Seed of the weights init and the data order.")
+    log_every: int = _f(5, "Log training metrics every this many steps.")
+    eval_every: int = _f(30, "Evaluate on the held-out split every this many steps (and at the end); 0 only at the end.")
+    eval_batches: int = _f(4, "Micro-batches per rank in one evaluation.")
+    ckpt_every: int = _f(30, "Checkpoint every this many steps (and at the end); 0 only at the end.")
+    keep_last: int = _f(2, "Complete checkpoints kept per stage.")
+    precision: str = _f("auto", "'auto' (bf16 where the GPU supports it, else fp32), 'fp32' or 'bf16'.")
+    sample_tokens: int = _f(48, "Tokens generated for the sample shown in the summary.")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = _f(None, "Address of an existing Ray cluster ('auto', 'host:6379', 'ray://...'); null starts a local one.")
+    num_workers: int = _f(2, "Training workers (ranks); the data-parallel size is num_workers / (tp * pp).")
+    min_workers: Optional[int] = _f(None, "Elastic lower bound on workers; null means fixed at num_workers.")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker; torch uses this many threads in each.")
+    use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them), 'true' or 'false'.")
+    local_cpus: Optional[int] = _f(None, "CPUs of the embedded local cluster; null means every core of this machine.")
+
+
+@dataclass
+class FaultConfig:
+    max_failures: int = _f(2, "Worker-group restarts Ray Train may do before the stage fails.")
+    hang_timeout_s: float = _f(600.0, "A collective that waits longer than this fails the worker group, which then restarts.")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _f("offline", "'offline' (default), 'online' (needs WANDB_API_KEY in the environment) or 'disabled'.")
+    project: str = _f("raylm", "W&B project.")
+    entity: Optional[str] = _f(None, "W&B entity (team or user); null uses the key's default.")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = _f(WandbConfig(), "Weights & Biases settings.")
+    progress: bool = _f(True, "Show a live progress bar on the console.")
+    mfu_peak_tflops: Optional[float] = _f(None, "Peak TFLOP/s per worker for MFU; null measures the matmul peak of the worker's device at start.")
+
+
+@dataclass
+class StageConfig:
+    name: str = _f("pretrain", "Stage name; also its directory under the run.")
+    kind: str = _f("pretrain", "'pretrain' (next-token loss on the corpus) or 'sft' (loss on responses only).")
+    init_from: Optional[str] = _f(None, "Weights to start from: a raylm final/ or Hugging Face Llama directory; null means the previous stage's final weights (or a fresh init for the first stage).")
+    data: Dict[str, Any] = _f({}, "Overrides of the data section for this stage.")
+    optim: Dict[str, Any] = _f({}, "Overrides of the optim section for this stage.")
+    train: Dict[str, Any] = _f({}, "Overrides of the train section for this stage.")
+    parallel: Dict[str, Any] = _f({}, "Overrides of the parallel section for this stage.")
+    cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/min_workers/cpus_per_worker for this stage.")
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = _f(None, "Run name (directory under runs_dir); null picks a fresh one.")
+    runs_dir: str = _f("runs", "Where run directories are created; must be shared storage on a multi-node cluster.")
+    model: ModelConfig = _f(ModelConfig(), "Model shape.")
+    parallel: ParallelConfig = _f(ParallelConfig(), "Parallel layout.")
+    data: DataConfig = _f(DataConfig(), "Training data.")
+    optim: OptimConfig = _f(OptimConfig(), "Optimizer and learning-rate schedule.")
+    train: TrainConfig = _f(TrainConfig(), "Steps, batch, logging and checkpoint cadence.")
+    cluster: ClusterConfig = _f(ClusterConfig(), "Where and on how many workers to run.")
+    fault: FaultConfig = _f(FaultConfig(), "Restarts and hang detection.")
+    logging: LoggingConfig = _f(LoggingConfig(), "Console, metrics file and W&B.")
+    stages: List[StageConfig] = _f([StageConfig()], "Ordered stages; each starts from the previous one's final weights.")
+
+
+STAGE_SECTIONS = ("data", "optim", "train", "parallel", "cluster")
+"""Sections a stage may override."""
+
+
+def field_help(cls: type, name: str) -> str:
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""

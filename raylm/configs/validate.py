@@ -1,0 +1,175 @@
+"""Cross-field rules of a run config, checked before Ray starts.
+
+Each rule raises a one-line ``UserError`` that names the key(s) and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from raylm.configs.schema import RunConfig
+from raylm.errors import UserError
+
+BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
+STAGE_KINDS = ("pretrain", "sft")
+BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",)}
+
+
+def _positive(value: float, key: str, strict: bool = True) -> None:
+    if value is None:
+        return
+    if (strict and value <= 0) or (not strict and value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise UserError(f"{key}={value} must be {bound}")
+
+
+def _one_of(value: str, key: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} must be one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def validate_model(run: RunConfig) -> None:
+    m = run.model
+    for key in ("vocab_size", "d_model", "n_layer", "n_head", "multiple_of", "max_seq_len"):
+        _positive(getattr(m, key), f"model.{key}")
+    _positive(m.n_kv_head, "model.n_kv_head")
+    _positive(m.ffn_hidden, "model.ffn_hidden")
+    _positive(m.rope_theta, "model.rope_theta")
+    _positive(m.norm_eps, "model.norm_eps")
+    _positive(m.init_std, "model.init_std")
+    if m.d_model % m.n_head:
+        raise UserError(f"model.n_head={m.n_head} must divide model.d_model={m.d_model}; choose n_head among {_divisors(m.d_model)}")
+    if (m.d_model // m.n_head) % 2:
+        raise UserError(f"head size model.d_model/model.n_head={m.d_model // m.n_head} must be even for RoPE; change model.n_head or model.d_model")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise UserError(f"model.n_kv_head={kv} must divide model.n_head={m.n_head}; choose among {_divisors(m.n_head)}")
+    if run.data.tokenizer == "byte" and m.vocab_size < BYTE_TOKENIZER_MIN_VOCAB:
+        raise UserError(f"model.vocab_size={m.vocab_size} is too small for data.tokenizer='byte'; use at least {BYTE_TOKENIZER_MIN_VOCAB}")
+
+
+def validate_parallel(run: RunConfig) -> None:
+    p, m, c = run.parallel, run.model, run.cluster
+    for key in ("tp", "pp", "micro_batch_size"):
+        _positive(getattr(p, key), f"parallel.{key}")
+    _positive(p.pipeline_microbatches, "parallel.pipeline_microbatches")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise UserError(
+            f"parallel.zero_stage={p.zero_stage} cannot run with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports ZeRO 0 or 1; set parallel.zero_stage=1"
+        )
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % p.tp or kv % p.tp:
+        raise UserError(
+            f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_kv_head={kv}; choose tp among {_divisors(kv)}"
+        )
+    if m.vocab_size % p.tp:
+        raise UserError(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}; round the vocabulary up to a multiple of {p.tp}")
+    if p.pp > m.n_layer:
+        raise UserError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}; each pipeline stage needs at least one block")
+    model_parallel = p.tp * p.pp
+    _positive(c.num_workers, "cluster.num_workers")
+    if c.num_workers % model_parallel:
+        raise UserError(
+            f"cluster.num_workers={c.num_workers} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}; use a multiple of {model_parallel}"
+        )
+    dp = c.num_workers // model_parallel
+    per_step = dp * p.micro_batch_size
+    if run.train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
+            f"parallel.micro_batch_size={p.micro_batch_size} = {per_step}"
+        )
+    if c.min_workers is not None:
+        if not 0 < c.min_workers <= c.num_workers or c.min_workers % model_parallel:
+            raise UserError(
+                f"cluster.min_workers={c.min_workers} must be a multiple of tp x pp = {model_parallel} between {model_parallel} and cluster.num_workers={c.num_workers}"
+            )
+
+
+def validate_training(run: RunConfig) -> None:
+    t, o = run.train, run.optim
+    _positive(t.max_steps, "train.max_steps")
+    _positive(t.global_batch_size, "train.global_batch_size")
+    _positive(t.log_every, "train.log_every")
+    _positive(t.eval_batches, "train.eval_batches")
+    _positive(t.keep_last, "train.keep_last")
+    _positive(t.eval_every, "train.eval_every", strict=False)
+    _positive(t.ckpt_every, "train.ckpt_every", strict=False)
+    _positive(t.sample_tokens, "train.sample_tokens", strict=False)
+    _one_of(t.precision, "train.precision", ("auto", "fp32", "bf16"))
+    _positive(o.lr, "optim.lr")
+    _positive(o.warmup_steps, "optim.warmup_steps", strict=False)
+    _positive(o.weight_decay, "optim.weight_decay", strict=False)
+    _positive(o.grad_clip, "optim.grad_clip", strict=False)
+    _positive(o.eps, "optim.eps")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise UserError(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise UserError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+
+
+def validate_data(run: RunConfig, kind: str) -> None:
+    d = run.data
+    _one_of(d.tokenizer, "data.tokenizer", ("bpe", "byte"))
+    if not 0 < d.val_fraction < 1:
+        raise UserError(f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive)")
+    _positive(d.num_proc_tokenize, "data.num_proc_tokenize")
+    source = d.source
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES[kind]:
+            raise UserError(f"data.source={source!r} is not a built-in {kind} corpus; use {' or '.join(BUILTIN_SOURCES[kind])} or a path")
+    elif not Path(source).exists() and not glob.glob(source):
+        raise UserError(f"data.source={source!r}: no such file, directory or glob match; check the path")
+
+
+def validate_cluster(run: RunConfig) -> None:
+    c = run.cluster
+    _positive(c.cpus_per_worker, "cluster.cpus_per_worker")
+    _positive(c.local_cpus, "cluster.local_cpus")
+    _one_of(c.use_gpu, "cluster.use_gpu", ("auto", "true", "false"))
+    f = run.fault
+    _positive(f.max_failures, "fault.max_failures", strict=False)
+    _positive(f.hang_timeout_s, "fault.hang_timeout_s")
+    _one_of(run.logging.wandb.mode, "logging.wandb.mode", ("offline", "online", "disabled"))
+    _positive(run.logging.mfu_peak_tflops, "logging.mfu_peak_tflops")
+
+
+def validate_stages(run: RunConfig) -> None:
+    from raylm.configs.loader import resolve_stage
+
+    if not run.stages:
+        raise UserError("stages is empty; give at least one stage, e.g. stages='[{name: pretrain, kind: pretrain}]'")
+    seen = set()
+    for index, stage in enumerate(run.stages):
+        if not stage.name or "/" in stage.name or stage.name.startswith("."):
+            raise UserError(f"stages.{index}.name={stage.name!r} must be a plain directory name")
+        if stage.name in seen:
+            raise UserError(f"stages.{index}.name={stage.name!r} is used twice; stage names must be unique")
+        seen.add(stage.name)
+        _one_of(stage.kind, f"stages.{index}.kind", STAGE_KINDS)
+        if stage.init_from is not None and not Path(stage.init_from).is_dir():
+            raise UserError(f"stages.{index}.init_from={stage.init_from!r} is not a directory; point it at a raylm final/ or Hugging Face Llama directory")
+        stage_run = resolve_stage(run, index)
+        for rule in (validate_model, validate_parallel, validate_training, validate_cluster):
+            try:
+                rule(stage_run)
+            except UserError as err:
+                raise UserError(f"stage '{stage.name}': {err}") from None
+        try:
+            validate_data(stage_run, stage.kind)
+        except UserError as err:
+            raise UserError(f"stage '{stage.name}': {err}") from None
+
+
+def validate(run: RunConfig) -> None:
+    if run.name is not None and (not run.name or "/" in run.name or run.name.startswith(".")):
+        raise UserError(f"name={run.name!r} must be a plain directory name")
+    validate_stages(run)

@@ -1,0 +1,102 @@
+"""Complete checkpoints: shards first, a manifest last, verified before loading.
+
+A checkpoint directory holds DeepSpeed's files under ``deepspeed/``, each
+rank's RNG states, ``trainer_state.json`` and ``manifest.json``. The manifest
+(step, layout, consumed samples, every file's size and sha256) is written
+after every rank has finished its files; a directory without a manifest, or
+whose files disagree with it, is incomplete and never loaded. DeepSpeed's own
+``latest`` file is ignored: it is written without a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_TAG = "deepspeed"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, besides DeepSpeed's state, to continue exactly."""
+
+    step: int
+    consumed_samples: int
+    tokens_seen: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(root: Path) -> Dict[str, Tuple[int, str]]:
+    """relative path -> (size, sha256) of every file below ``root``."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, "latest")):
+        out[path.relative_to(root).as_posix()] = (path.stat().st_size, sha256_of(path))
+    return out
+
+
+def write_manifest(root: Path, state: TrainerState, files: Dict[str, Tuple[int, str]]) -> None:
+    """Atomically commit the manifest (write to a temp name, fsync, rename)."""
+    manifest = {"state": asdict(state), "files": {k: {"size": s, "sha256": h} for k, (s, h) in sorted(files.items())}}
+    tmp = root / (MANIFEST + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, root / MANIFEST)
+
+
+def verify(root: Path, check_hashes: bool = True) -> Optional[str]:
+    """None when ``root`` is a complete checkpoint, else why it is not."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        TrainerState(**manifest["state"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    for rel, entry in files.items():
+        path = root / rel
+        if not path.is_file():
+            return f"missing shard {rel}"
+        if path.stat().st_size != entry["size"]:
+            return f"shard {rel} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+        if check_hashes and sha256_of(path) != entry["sha256"]:
+            return f"shard {rel} fails its sha256 check"
+    return None
+
+
+def read_state(root: Path) -> TrainerState:
+    return TrainerState(**json.loads((root / MANIFEST).read_text())["state"])
+
+
+def step_dirs(stage_dir: Path) -> List[Path]:
+    """Checkpoint directories of a stage, newest first."""
+    if not stage_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in stage_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]

@@ -1,0 +1,82 @@
+"""Rank 0's metric sinks: ``metrics.jsonl`` in the run directory and W&B.
+
+Every record carries ``stage`` and ``step``; the console progress bar on the
+driver reads the same file, so what is shown is what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from raylm.configs.schema import WandbConfig
+
+WANDB_ID_FILE = "wandb_id"
+
+
+class MetricsFile:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: Dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+class WandbRun:
+    """One W&B run per stage, with a stable id so restarts append to it.
+
+    W&B drops a ``log`` whose internal step is below the run's current one,
+    which a rewind to a checkpoint would cause; every metric is therefore
+    plotted against our own ``trainer/step`` and the internal step is never set.
+    """
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, run_name: str, stage: str, config: dict):
+        self.run = None
+        if cfg.mode == "disabled":
+            return
+        import wandb
+
+        mode = cfg.mode
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            mode = "offline"
+        id_file = run_dir / stage / WANDB_ID_FILE
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        if not id_file.exists():
+            id_file.write_text(wandb.util.generate_id())
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=run_name,
+            name=f"{run_name}/{stage}",
+            job_type=stage,
+            id=id_file.read_text().strip(),
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        self.run.define_metric("trainer/step")
+        self.run.define_metric("*", step_metric="trainer/step")
+
+    def log(self, step: int, values: Dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({"trainer/step": step, **values})
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> Optional[str]:
+        if self.run is None:
+            return None
+        directory = self.run.dir
+        self.run.finish()
+        return str(Path(directory).parent)

@@ -1,0 +1,31 @@
+"""What each Ray Train worker runs: log to a file, then the per-rank loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from raylm.launcher.ray_session import RaySession
+
+
+def _log_to_file(stage_dir: Path) -> None:
+    """Send this rank's stdout/stderr (DeepSpeed's and ours) to runs/<name>/<stage>/logs/."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    logs = stage_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handle = open(logs / f"rank_{rank:03d}.log", "a", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from raylm.launcher.worker import train_stage
+
+    run_dir = Path(config["run_dir"])
+    _log_to_file(run_dir / config["stage_name"])
+    train_stage(run_dir, config["stage_index"], lambda stage_dir, _cfg: RaySession(stage_dir))

@@ -1,0 +1,42 @@
+"""The per-rank session under Ray Train: checkpoints travel through ``ray.train.report``."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List
+
+import ray.train
+
+from raylm.launcher.checkpoint import step_dir_name, step_dirs
+from raylm.launcher.session import newest_first_unique
+
+
+class RaySession:
+    """Each rank stages its own files in a private temp dir and reports it.
+
+    Ray Train merges every worker's reported directory into one checkpoint
+    directory in the stage's storage (``runs/<name>/<stage>/step_N``); a rank
+    that wrote nothing reports no checkpoint but still calls ``report``
+    (it is a barrier).
+    """
+
+    shared_staging = False
+
+    def __init__(self, stage_dir: Path):
+        self.stage_dir = stage_dir
+
+    def resume_candidates(self) -> List[Path]:
+        latest = ray.train.get_checkpoint()
+        latest_path = Path(latest.path) if latest is not None else None
+        return newest_first_unique([latest_path, *step_dirs(self.stage_dir)])
+
+    def staging_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
+
+    def commit(self, step: int, staging: Path, metrics: dict) -> None:
+        has_files = any(staging.iterdir())
+        checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""The run directory: its name, its saved config and what each stage left."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from raylm.configs.loader import from_yaml_file, to_yaml
+from raylm.configs.schema import RunConfig
+from raylm.errors import UserError
+from raylm.launcher.worker import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
+
+SUMMARY_FILE = "summary.json"
+DRIVER_FILE = "driver.json"
+
+
+def fresh_name(prefix: str, runs_dir: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, n = f"{prefix}-{stamp}", 1
+    while (runs_dir / name).exists():
+        n += 1
+        name = f"{prefix}-{stamp}-{n}"
+    return name
+
+
+def create(run: RunConfig, prefix: str) -> Path:
+    """Make ``runs_dir/<name>`` and save the resolved config; never reuse a name."""
+    runs_dir = Path(run.runs_dir)
+    if run.name is None:
+        run.name = fresh_name(prefix, runs_dir)
+    run_dir = (runs_dir / run.name).resolve()
+    if run_dir.exists():
+        raise UserError(f"run '{run.name}' already exists in {runs_dir}; continue it with 'raylm resume {run_dir}' or pick another --name")
+    run_dir.mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(run))
+    return run_dir
+
+
+def locate(run: str, runs_dir: str = "runs") -> Path:
+    """A run given as a path or as a name under runs_dir."""
+    for candidate in (Path(run), Path(runs_dir) / run):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate.resolve()
+    raise UserError(f"no run at '{run}' (looked for {run}/{CONFIG_FILE} and {runs_dir}/{run}/{CONFIG_FILE}); 'raylm status' lists runs")
+
+
+def load(run_dir: Path) -> RunConfig:
+    return from_yaml_file(run_dir / CONFIG_FILE)
+
+
+def save_config(run_dir: Path, run: RunConfig) -> None:
+    (run_dir / CONFIG_FILE).write_text(to_yaml(run))
+
+
+def stage_finished(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / STAGE_SUMMARY).is_file() and (run_dir / stage / FINAL_DIR / "model.safetensors").is_file()
+
+
+def stage_summary(run_dir: Path, stage: str) -> Optional[dict]:
+    path = run_dir / stage / STAGE_SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def latest_final(run_dir: Path, run: RunConfig, stage: Optional[str] = None) -> Path:
+    """The final/ directory of ``stage``, or of the last finished stage."""
+    names = [s.name for s in run.stages]
+    if stage is not None and stage not in names:
+        raise UserError(f"run {run_dir.name} has no stage '{stage}'; its stages are {', '.join(names)}")
+    for name in reversed(names) if stage is None else [stage]:
+        if stage_finished(run_dir, name):
+            return run_dir / name / FINAL_DIR
+    raise UserError(f"run {run_dir.name} has no finished stage{f' {stage}' if stage else ''} yet; finish it with 'raylm resume {run_dir}'")

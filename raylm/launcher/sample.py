@@ -1,0 +1,37 @@
+"""The generated sample shown at the end of a stage."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from raylm.configs.schema import ModelConfig
+from raylm.data.chat import format_chat
+from raylm.data.tokenizer import Tokenizer
+from raylm.models.generate import generate
+from raylm.models.llama import Llama
+
+PRETRAIN_PROMPT = "The "
+SFT_QUESTION = "Explain the Python topic 'lambda'."
+
+
+def prompt_for(kind: str, question: str = SFT_QUESTION) -> str:
+    if kind == "sft":
+        return format_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    return PRETRAIN_PROMPT
+
+
+def sample_text(state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, kind: str, max_new_tokens: int, seed: int = 0) -> str:
+    """A short, reproducible continuation (top-k sampling with a fixed seed)."""
+    if max_new_tokens == 0:
+        return ""
+    model = Llama(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    prompt = prompt_for(kind)
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=tokenizer.eos_id, generator=generator)
+    return prompt + tokenizer.decode(out[0, ids.size(1):].tolist())

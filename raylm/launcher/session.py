@@ -1,0 +1,74 @@
+"""Where a rank's checkpoints go and come from; the only seam between the
+per-rank loop and whatever launched it.
+
+``LocalSession`` serves ``torchrun`` (and any launcher with a shared run
+directory); ``raylm.launcher.ray_session.RaySession`` serves Ray Train. The
+per-rank loop imports neither Ray nor a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional, Protocol
+
+import torch.distributed as dist
+
+from raylm.launcher.checkpoint import MANIFEST, step_dir_name, step_dirs
+
+
+class Session(Protocol):
+    shared_staging: bool
+    """True when every rank writes into one staging directory."""
+
+    def resume_candidates(self) -> List[Path]:
+        """Checkpoint directories to try, newest first."""
+
+    def staging_dir(self, step: int) -> Path:
+        """An empty directory this rank writes its part of checkpoint ``step`` into."""
+
+    def commit(self, step: int, staging: Path, metrics: dict) -> None:
+        """Publish the checkpoint once every rank's files and the manifest are in ``staging``.
+
+        Called on every rank after a barrier.
+        """
+
+
+class LocalSession:
+    """Checkpoints straight into ``<stage_dir>/step_N`` on a shared filesystem."""
+
+    shared_staging = True
+
+    def __init__(self, stage_dir: Path, keep_last: int):
+        self.stage_dir = stage_dir
+        self.keep_last = keep_last
+
+    def resume_candidates(self) -> List[Path]:
+        return step_dirs(self.stage_dir)
+
+    def staging_dir(self, step: int) -> Path:
+        staging = self.stage_dir / f".staging-{step_dir_name(step)}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        return staging
+
+    def commit(self, step: int, staging: Path, metrics: dict) -> None:
+        if dist.get_rank() == 0:
+            final = self.stage_dir / step_dir_name(step)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in [p for p in step_dirs(self.stage_dir) if (p / MANIFEST).exists()][self.keep_last :]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+
+def newest_first_unique(paths: List[Optional[Path]]) -> List[Path]:
+    seen, out = set(), []
+    for path in paths:
+        if path is not None and path.resolve() not in seen:
+            seen.add(path.resolve())
+            out.append(path)
+    return out

@@ -1,0 +1,65 @@
+"""A stage's tokenizer, datasets and sample order, prepared once per run.
+
+The driver prepares them before any worker starts (so data errors surface as
+one-line messages, not worker tracebacks); under torchrun rank 0 prepares and
+the others wait. Files live in ``runs/<name>/data/<stage>/`` and the tokenizer
+in ``runs/<name>/tokenizer/``, shared by all stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List
+
+from raylm.configs.loader import resolve_stage
+from raylm.configs.schema import RunConfig
+from raylm.data import prepare_dataset
+from raylm.data.sampler import SampleOrder, eval_indices
+from raylm.data.tokenizer import Tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class StageData:
+    train: object
+    val: object
+    tokenizer: Tokenizer
+    order: SampleOrder
+    micro_batch: int
+    eval_batches_per_rank: int
+
+    def eval_batches(self, dp_rank: int, dp_size: int) -> List[List[int]]:
+        return eval_indices(self.val.num_samples, self.eval_batches_per_rank, dp_rank, dp_size, self.micro_batch)
+
+
+def _existing_tokenizer(run_dir: Path, run: RunConfig, stage_index: int):
+    """The run's tokenizer, else one shipped with the weights the stage starts from."""
+    if (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(run_dir / TOKENIZER_DIR)
+    init_from = run.stages[stage_index].init_from
+    if init_from and (Path(init_from) / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(Path(init_from))
+    return None
+
+
+def prepare_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> StageData:
+    cfg = resolve_stage(run, stage_index)
+    stage = run.stages[stage_index]
+    tokenizer = _existing_tokenizer(run_dir, run, stage_index)
+    train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / "data" / stage.name, cfg.train.seed, tokenizer=tokenizer)
+    if not (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
+        tokenizer.save(run_dir / TOKENIZER_DIR)
+    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed), cfg.parallel.micro_batch_size, cfg.train.eval_batches)
+
+
+def load_stage_data(run_dir: Path, run: RunConfig, stage_index: int, leader: bool, barrier: Callable[[], None]) -> StageData:
+    """Every rank's view; the leader builds whatever is missing first."""
+    if leader:
+        data = prepare_stage_data(run_dir, run, stage_index)
+    barrier()
+    if not leader:
+        data = prepare_stage_data(run_dir, run, stage_index)
+    return data

@@ -1,0 +1,99 @@
+"""Drive a run's stages in order on a Ray cluster, then summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from rich.console import Console
+from rich.table import Table
+
+from raylm.cluster.connect import ClusterInfo, check_capacity, start_or_connect, wants_gpu
+from raylm.configs.loader import resolve_stage
+from raylm.configs.schema import RunConfig
+from raylm.errors import StageFailed, UserError
+from raylm.launcher import run_dir as rundir
+from raylm.launcher.progress import StageProgress
+from raylm.launcher.stage_data import prepare_stage_data
+from raylm.launcher.worker import METRICS_FILE
+
+
+def _worker_error_message(err: BaseException) -> str:
+    text = str(err)
+    for marker in ("raylm.errors.UserError: ", "UserError: "):
+        if marker in text:
+            return text.split(marker, 1)[1].splitlines()[0]
+    return ""
+
+
+def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, console: Console) -> dict:
+    from ray.train import TrainingFailedError
+
+    from raylm.launcher.trainer import stage_trainer
+
+    stage = run.stages[index]
+    cfg = resolve_stage(run, index)
+    use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
+    check_capacity(cfg.cluster.min_workers or cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, use_gpu, info)
+    with console.status(f"[{stage.name}] preparing tokenizer and data from {cfg.data.source}"):
+        data = prepare_stage_data(run_dir, run, index)
+    console.print(
+        f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
+        f"{cfg.cluster.num_workers} workers on {'GPU' if use_gpu else 'CPU'}"
+    )
+    trainer = stage_trainer(run_dir, run, index, cfg, use_gpu)
+    with StageProgress(run_dir / METRICS_FILE, stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress):
+        try:
+            trainer.fit()
+        except TrainingFailedError as err:
+            user_message = _worker_error_message(err)
+            if user_message:
+                raise UserError(user_message) from None
+            raise StageFailed(
+                f"stage '{stage.name}' failed after {cfg.fault.max_failures} restarts: {str(err).strip().splitlines()[-1]}; "
+                f"worker logs are in {run_dir / stage.name / 'logs'}; continue with 'raylm resume {run_dir}'"
+            ) from err
+    summary = rundir.stage_summary(run_dir, stage.name)
+    if summary is None:
+        raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / 'logs'}")
+    return summary
+
+
+def run_all(run_dir: Path, run: RunConfig, console: Console) -> dict:
+    """Run every unfinished stage; a finished stage is never re-run."""
+    started = time.time()
+    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
+    where = "embedded local Ray cluster" if info.embedded else f"Ray cluster at {info.address}"
+    console.print(f"run [bold]{run.name}[/] in {run_dir} on a {where} ({info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs)")
+    (run_dir / rundir.DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
+    stages: List[Dict] = []
+    for index, stage in enumerate(run.stages):
+        if rundir.stage_finished(run_dir, stage.name):
+            console.print(f"[bold]{stage.name}[/]: already finished, skipping")
+            stages.append(rundir.stage_summary(run_dir, stage.name))
+            continue
+        stages.append(run_stage(run_dir, run, index, info, console))
+    summary = {"run": run.name, "run_dir": str(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
+    (run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (run_dir / rundir.DRIVER_FILE).unlink(missing_ok=True)
+    print_summary(summary, console)
+    return summary
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title=f"run {summary['run']} ({summary['seconds']:.0f} s)")
+    for column in ("stage", "steps", "final loss", "eval loss", "perplexity", "tokens/s", "MFU"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for s in summary["stages"]:
+        table.add_row(
+            f"{s['stage']} ({s['kind']})", str(s["steps"]), f"{s['final_loss']:.4f}", f"{s['eval_loss']:.4f}",
+            f"{s['perplexity']:.2f}" if s.get("perplexity") else "-", f"{s['tokens_per_s']:,.0f}", f"{100 * s['mfu']:.2f}%",
+        )
+    console.print(table)
+    for s in summary["stages"]:
+        console.print(f"[bold]{s['stage']} sample[/]: {s['sample']!r}")
+        console.print(f"[bold]{s['stage']} weights[/]: {s['final_dir']}")
+    console.print(f"run directory: {summary['run_dir']}")

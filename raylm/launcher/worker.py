@@ -1,0 +1,366 @@
+"""The per-rank training loop of one stage.
+
+Runs unchanged under Ray Train (``raylm.launcher.ray_entry``) and under
+``torchrun`` (``python -m raylm.launcher.torchrun_main``): it reads the run's
+config.yaml, joins the process group its launcher set up (or sets one up from
+the torchrun environment), and talks to the launcher only through a
+``Session``. No Ray import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
+from raylm.configs.schema import RunConfig, StageConfig
+from raylm.errors import UserError
+from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
+from raylm.launcher.metrics import MetricsFile, WandbRun
+from raylm.launcher.mfu import measure_matmul_peak, mfu
+from raylm.launcher.schedule import lr_factor
+from raylm.launcher.session import Session
+from raylm.launcher.sample import sample_text
+from raylm.launcher.stage_data import load_stage_data
+from raylm.models.flops import flops_per_token
+from raylm.models.llama import Llama
+from raylm.models.weights import load_any, save_consolidated
+from raylm.parallelism.apply import ParallelModel, build_parallel_model
+from raylm.parallelism.zero import deepspeed_config, grad_accum_steps
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+STAGE_SUMMARY = "summary.json"
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def init_distributed(run: RunConfig) -> DistContext:
+    """Join (or, under torchrun, create) the default process group; DeepSpeed reuses it."""
+    use_cuda = torch.cuda.is_available() and run.cluster.use_gpu != "false"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        # Ray does not cap threads the way torchrun does; without this each
+        # worker would spin one thread per core of the node.
+        torch.set_num_threads(run.cluster.cpus_per_worker)
+        device = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=run.fault.hang_timeout_s))
+    _disable_deepspeed_shm_allreduce()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def _disable_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes on
+    a small machine) that only its inference path uses; training collectives go
+    through our gloo group either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _use_bf16(run: RunConfig, device: torch.device) -> bool:
+    if run.train.precision == "bf16":
+        return True
+    return run.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
+    """The consolidated weights stage ``index`` starts from, if any."""
+    stage = run.stages[index]
+    if stage.init_from:
+        return Path(stage.init_from)
+    if index > 0:
+        return run_dir / run.stages[index - 1].name / FINAL_DIR
+    return None
+
+
+def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(cfg.model)
+    if init_path is not None:
+        init_cfg, state = load_any(init_path)
+        if asdict(init_cfg) != asdict(cfg.model):
+            differing = [k for k, v in asdict(cfg.model).items() if asdict(init_cfg)[k] != v]
+            raise UserError(f"weights in {init_path} do not match this config's model section (differs in: {', '.join(differing)}); make model.* match them")
+        model.load_state_dict(state)
+    return model
+
+
+class StageTrainer:
+    """Owns one stage's engine, data and sinks on one rank."""
+
+    def __init__(self, run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session]):
+        self.run_dir = run_dir
+        self.run = from_yaml_file(run_dir / CONFIG_FILE)
+        self.stage: StageConfig = self.run.stages[stage_index]
+        self.cfg = resolve_stage(self.run, stage_index)
+        self.stage_dir = run_dir / self.stage.name
+        self.session = session_factory(self.stage_dir, self.cfg)
+        self.ctx = init_distributed(self.cfg)
+        self.is_logger = self.ctx.rank == 0
+        self.bf16 = _use_bf16(self.cfg, self.ctx.device)
+
+        self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
+        dense = build_dense_model(self.cfg, _initial_weights(run_dir, self.run, stage_index))
+        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
+        self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
+        self.accum = grad_accum_steps(self.cfg, self.dp_size)
+        self.engine = self._build_engine()
+        self.state = TrainerState(0, 0, 0, self.ctx.world_size, self.par.tp, self.par.pp, self.dp_size)
+        self.seq_len = self.cfg.model.max_seq_len
+        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+
+        self.metrics = MetricsFile(run_dir / METRICS_FILE) if self.is_logger else None
+        self.wandb = (
+            WandbRun(self.cfg.logging.wandb, run_dir, self.run.name or run_dir.name, self.stage.name, dump_nested(self.cfg))
+            if self.is_logger
+            else None
+        )
+
+    def _build_engine(self):
+        import deepspeed
+
+        o = self.cfg.optim
+        params = [p for p in self.par.module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+        )
+        max_steps = self.cfg.train.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.par.module.to(self.ctx.device),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.dp_size, self.bf16),
+            mpu=self.par.mpu,
+        )
+        return engine
+
+    # ----------------------------------------------------------------- logging
+    def log(self, record: Dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"stage": self.stage.name, **record})
+        if self.wandb is not None:
+            prefix = record.get("kind", "train")
+            values = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
+            self.wandb.log(record["step"], values)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        chosen: list = [None]
+        if self.ctx.rank == 0:
+            for candidate in self.session.resume_candidates():
+                reason = verify(candidate)
+                if reason is None:
+                    chosen[0] = str(candidate)
+                    break
+                self.log({"step": 0, "kind": "event", "event": "skipped_checkpoint", "path": str(candidate), "reason": reason})
+                print(f"[raylm] warning: checkpoint {candidate} is incomplete ({reason}); trying the previous one", flush=True)
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] is None:
+            return
+        path = Path(chosen[0])
+        saved = read_state(path)
+        if (saved.tp, saved.pp, saved.dp) != (self.par.tp, self.par.pp, self.dp_size):
+            raise UserError(
+                f"checkpoint {path} was written with tp={saved.tp} pp={saved.pp} dp={saved.dp}, this stage runs tp={self.par.tp} "
+                f"pp={self.par.pp} dp={self.dp_size}; keep the layout or start a new stage with init_from its final weights"
+            )
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
+        rng_file = path / f"rng_rank{self.ctx.rank:05d}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.state = saved
+        self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
+
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint(self, metrics: Dict) -> None:
+        staging = self.session.staging_dir(self.state.step)
+        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+        torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank:05d}.pt")
+        dist.barrier()
+        if self.session.shared_staging:
+            files = describe_files(staging) if self.ctx.rank == 0 else {}
+        else:
+            gathered: list = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, describe_files(staging))
+            files = {k: v for part in gathered for k, v in part.items()}
+        if self.ctx.rank == 0:
+            write_manifest(staging, self.state, files)
+        dist.barrier()
+        self.session.commit(self.state.step, staging, {"step": self.state.step, **metrics})
+
+    # ---------------------------------------------------------------- training
+    def _micro_batch(self, reader, indices):
+        inputs, targets = reader.batch(indices)
+        return torch.from_numpy(inputs).to(self.ctx.device), torch.from_numpy(targets).to(self.ctx.device)
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        dist.all_reduce(value, group=self.par.dp_group)
+        return value.item() / self.dp_size
+
+    def train_step(self) -> float:
+        t = self.cfg.train
+        total = torch.zeros((), device=self.ctx.device)
+        for accum_step in range(self.accum):
+            indices = self.data.order.micro_batch_indices(
+                self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.cfg.parallel.micro_batch_size, accum_step
+            )
+            inputs, targets = self._micro_batch(self.data.train, indices)
+            loss = self.par.loss_fn(self.engine(inputs).float(), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        self.state.tokens_seen += t.global_batch_size * self.seq_len
+        return self._dp_mean(total / self.accum)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.ctx.device)
+        batches = self.data.eval_batches(self.dp_rank, self.dp_size)
+        for indices in batches:
+            inputs, targets = self._micro_batch(self.data.val, indices)
+            total += self.par.loss_fn(self.engine(inputs).float(), targets)
+        self.engine.train()
+        return self._dp_mean(total / max(1, len(batches)))
+
+    def _memory_gb(self) -> float:
+        if self.ctx.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+
+    def _due(self, every: int) -> bool:
+        return self.state.step == self.cfg.train.max_steps or (every > 0 and self.state.step % every == 0)
+
+    def run_loop(self) -> Dict:
+        t = self.cfg.train
+        peak = (self.cfg.logging.mfu_peak_tflops or 0) * 1e12 or measure_matmul_peak(
+            self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32
+        )
+        self.resume()
+        start_step = self.state.step
+        self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
+                  "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage})
+        last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
+        window_tokens, window_time = 0, 0.0
+        train_time, train_tokens = 0.0, 0
+        while self.state.step < t.max_steps:
+            began = time.perf_counter()
+            loss = self.train_step()
+            elapsed = time.perf_counter() - began
+            step_tokens = t.global_batch_size * self.seq_len
+            window_tokens += step_tokens
+            window_time += elapsed
+            train_time += elapsed
+            train_tokens += step_tokens
+            last["loss"] = loss
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.state.step}; lower optim.lr or check the data")
+            if self._due(t.log_every):
+                tokens_per_s = window_tokens / window_time
+                last["tokens_per_s"] = tokens_per_s
+                last["mfu"] = mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size)
+                self.log({
+                    "step": self.state.step, "kind": "train", "loss": loss, "lr": self.engine.get_lr()[0],
+                    "grad_norm": _float_or_nan(self.engine.get_global_grad_norm()), "tokens_per_s": tokens_per_s,
+                    "mfu": last["mfu"], "mem_gb": self._memory_gb(), "tokens": self.state.tokens_seen,
+                })
+                window_tokens, window_time = 0, 0.0
+            if self._due(t.eval_every):
+                last["eval_loss"] = self.evaluate()
+                self.log({"step": self.state.step, "kind": "eval", "eval_loss": last["eval_loss"],
+                          "eval_ppl": math.exp(min(last["eval_loss"], 50.0)), "tokens": self.state.tokens_seen})
+            if self._due(t.ckpt_every):
+                self.checkpoint({"loss": loss})
+        if start_step == t.max_steps and self.state.step == t.max_steps:
+            last["eval_loss"] = self.evaluate()
+        return self.finish(last, train_tokens / train_time if train_time else last["tokens_per_s"], peak)
+
+    def finish(self, last: Dict, tokens_per_s: float, peak: float) -> Dict:
+        full_state = self.par.consolidated_state_dict(self.engine)
+        summary: Dict = {}
+        if self.ctx.rank == 0:
+            final_dir = self.stage_dir / FINAL_DIR
+            save_consolidated(full_state, self.cfg.model, final_dir)
+            self.data.tokenizer.save(final_dir)
+            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens)
+            summary = {
+                "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
+                "final_loss": last["loss"], "eval_loss": last["eval_loss"],
+                "perplexity": math.exp(min(last["eval_loss"], 50.0)) if math.isfinite(last["eval_loss"]) else None,
+                "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size),
+                "peak_tflops_per_worker": peak / 1e12, "sample": sample, "final_dir": str(final_dir),
+                "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
+            }
+            (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
+            self.log({"step": self.state.step, "kind": "end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+            if self.wandb is not None:
+                self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+                self.wandb.finish()
+        dist.barrier()
+        return summary
+
+
+def _float_or_nan(value) -> float:
+    if value is None:
+        return math.nan
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def train_stage(run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session]) -> Dict:
+    """Train one stage on this rank; returns the stage summary on rank 0 ({} elsewhere)."""
+    return StageTrainer(run_dir, stage_index, session_factory).run_loop()

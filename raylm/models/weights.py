@@ -1,0 +1,58 @@
+"""raylm's consolidated weight format: ``model.safetensors`` + ``config.json``.
+
+This is what stages hand to each other and what export reads: safetensors,
+never a pickle, so weights crossing a trust boundary cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raylm.configs.schema import ModelConfig
+from raylm.errors import UserError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TIED_HEAD = "output.weight"
+
+
+def save_consolidated(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path) -> None:
+    """Write full (unsharded) weights; a tied head is stored once, as the embedding."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (cfg.tie_embeddings and k == TIED_HEAD)}
+    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "raylm"})
+    (out_dir / CONFIG).write_text(json.dumps({"format": "raylm", "model": asdict(cfg)}, indent=2))
+
+
+def is_raylm_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == "raylm"
+    except (OSError, ValueError):
+        return False
+
+
+def load_consolidated(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; point at a stage's final/ directory")
+    raw = json.loads((path / CONFIG).read_text())["model"]
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    state = load_file(str(path / WEIGHTS))
+    if cfg.tie_embeddings:
+        state[TIED_HEAD] = state["tok_embeddings.weight"]
+    return cfg, state
+
+
+def load_any(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """Weights from a raylm final/ directory or a Hugging Face Llama directory."""
+    if is_raylm_dir(path):
+        return load_consolidated(path)
+    from raylm.models.hf import load_hf_dir
+
+    return load_hf_dir(path)
