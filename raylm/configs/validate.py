@@ -81,10 +81,16 @@ def validate_parallel(run: RunConfig) -> None:
         )
     dp = c.num_workers // model_parallel
     per_step = dp * p.micro_batch_size
-    if run.train.global_batch_size % per_step:
+    sets_micro_batch = p.pp > 1 and p.pipeline_microbatches
+    if not sets_micro_batch and run.train.global_batch_size % per_step:
         raise UserError(
             f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
             f"parallel.micro_batch_size={p.micro_batch_size} = {per_step}"
+        )
+    if p.pp > 1 and p.pipeline_microbatches and run.train.global_batch_size % (dp * p.pipeline_microbatches):
+        raise UserError(
+            f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
+            f"parallel.pipeline_microbatches={p.pipeline_microbatches}"
         )
     if c.min_workers is not None:
         if not 0 < c.min_workers <= c.num_workers or c.min_workers % model_parallel:
@@ -158,7 +164,7 @@ def validate_stages(run: RunConfig) -> None:
         if stage.init_from is not None and not Path(stage.init_from).is_dir():
             raise UserError(f"stages.{index}.init_from={stage.init_from!r} is not a directory; point it at a raylm final/ or Hugging Face Llama directory")
         stage_run = resolve_stage(run, index)
-        for rule in (validate_model, validate_parallel, validate_training, validate_cluster):
+        for rule in (validate_model, validate_training, validate_parallel, validate_cluster):
             try:
                 rule(stage_run)
             except UserError as err:

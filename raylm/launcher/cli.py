@@ -40,17 +40,20 @@ def _prefix(config: Optional[str]) -> str:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from raylm.launcher import run_dir as rundir
-    from raylm.launcher.stages import run_all
-
     config, overrides = _split_config_and_overrides(args)
     if args.name:
         overrides.append(f"name={args.name}")
     if args.address:
         overrides.append(f"cluster.address={args.address}")
     run = load_config(config, overrides)
+
+    from raylm.cluster.connect import start_or_connect
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.stages import run_all
+
+    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
     run_dir = rundir.create(run, _prefix(config))
-    run_all(run_dir, run, Console())
+    run_all(run_dir, run, info, Console())
     return 0
 
 

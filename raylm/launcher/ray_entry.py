@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from raylm.launcher.layout import LOGS_DIR
 from raylm.launcher.ray_session import RaySession
 
 
@@ -14,7 +15,7 @@ def _log_to_file(stage_dir: Path) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    logs = stage_dir / "logs"
+    logs = stage_dir / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     handle = open(logs / f"rank_{rank:03d}.log", "a", buffering=1)
     sys.stdout.flush()

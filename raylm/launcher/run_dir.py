@@ -10,10 +10,7 @@ from typing import Optional
 from raylm.configs.loader import from_yaml_file, to_yaml
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
-from raylm.launcher.worker import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
-
-SUMMARY_FILE = "summary.json"
-DRIVER_FILE = "driver.json"
+from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
 
 
 def fresh_name(prefix: str, runs_dir: Path) -> str:

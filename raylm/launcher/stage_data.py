@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.data import prepare_dataset
-from raylm.data.sampler import SampleOrder, eval_indices
+from raylm.data.sampler import SampleOrder
 from raylm.data.tokenizer import Tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -28,11 +28,6 @@ class StageData:
     val: object
     tokenizer: Tokenizer
     order: SampleOrder
-    micro_batch: int
-    eval_batches_per_rank: int
-
-    def eval_batches(self, dp_rank: int, dp_size: int) -> List[List[int]]:
-        return eval_indices(self.val.num_samples, self.eval_batches_per_rank, dp_rank, dp_size, self.micro_batch)
 
 
 def _existing_tokenizer(run_dir: Path, run: RunConfig, stage_index: int):
@@ -52,7 +47,7 @@ def prepare_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> Stage
     train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / "data" / stage.name, cfg.train.seed, tokenizer=tokenizer)
     if not (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
         tokenizer.save(run_dir / TOKENIZER_DIR)
-    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed), cfg.parallel.micro_batch_size, cfg.train.eval_batches)
+    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed))
 
 
 def load_stage_data(run_dir: Path, run: RunConfig, stage_index: int, leader: bool, barrier: Callable[[], None]) -> StageData:

@@ -11,14 +11,14 @@ from typing import Dict, List
 from rich.console import Console
 from rich.table import Table
 
-from raylm.cluster.connect import ClusterInfo, check_capacity, start_or_connect, wants_gpu
+from raylm.cluster.connect import ClusterInfo, check_capacity, wants_gpu
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.errors import StageFailed, UserError
 from raylm.launcher import run_dir as rundir
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
-from raylm.launcher.worker import METRICS_FILE
+from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, SUMMARY_FILE
 
 
 def _worker_error_message(err: BaseException) -> str:
@@ -54,21 +54,20 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
                 raise UserError(user_message) from None
             raise StageFailed(
                 f"stage '{stage.name}' failed after {cfg.fault.max_failures} restarts: {str(err).strip().splitlines()[-1]}; "
-                f"worker logs are in {run_dir / stage.name / 'logs'}; continue with 'raylm resume {run_dir}'"
+                f"worker logs are in {run_dir / stage.name / LOGS_DIR}; continue with 'raylm resume {run_dir}'"
             ) from err
     summary = rundir.stage_summary(run_dir, stage.name)
     if summary is None:
-        raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / 'logs'}")
+        raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
     return summary
 
 
-def run_all(run_dir: Path, run: RunConfig, console: Console) -> dict:
-    """Run every unfinished stage; a finished stage is never re-run."""
+def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) -> dict:
+    """Run every unfinished stage on a connected cluster; a finished stage is never re-run."""
     started = time.time()
-    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
     where = "embedded local Ray cluster" if info.embedded else f"Ray cluster at {info.address}"
     console.print(f"run [bold]{run.name}[/] in {run_dir} on a {where} ({info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs)")
-    (run_dir / rundir.DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
+    (run_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
     stages: List[Dict] = []
     for index, stage in enumerate(run.stages):
         if rundir.stage_finished(run_dir, stage.name):
@@ -77,8 +76,8 @@ def run_all(run_dir: Path, run: RunConfig, console: Console) -> dict:
             continue
         stages.append(run_stage(run_dir, run, index, info, console))
     summary = {"run": run.name, "run_dir": str(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
-    (run_dir / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    (run_dir / rundir.DRIVER_FILE).unlink(missing_ok=True)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    (run_dir / DRIVER_FILE).unlink(missing_ok=True)
     print_summary(summary, console)
     return summary
 

@@ -27,6 +27,7 @@ from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
+from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.launcher.metrics import MetricsFile, WandbRun
 from raylm.launcher.mfu import measure_matmul_peak, mfu
 from raylm.launcher.schedule import lr_factor
@@ -37,12 +38,9 @@ from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama
 from raylm.models.weights import load_any, save_consolidated
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
-from raylm.parallelism.zero import deepspeed_config, grad_accum_steps
+from raylm.data.sampler import eval_indices
+from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
-STAGE_SUMMARY = "summary.json"
 
 
 @dataclass
@@ -146,7 +144,8 @@ class StageTrainer:
         dense = build_dense_model(self.cfg, _initial_weights(run_dir, self.run, stage_index))
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
-        self.accum = grad_accum_steps(self.cfg, self.dp_size)
+        self.accum = micro_batches(self.cfg, self.dp_size)
+        self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.engine = self._build_engine()
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, self.par.tp, self.par.pp, self.dp_size)
         self.seq_len = self.cfg.model.max_seq_len
@@ -248,33 +247,48 @@ class StageTrainer:
         dist.all_reduce(value, group=self.par.dp_group)
         return value.item() / self.dp_size
 
-    def train_step(self) -> float:
+    def _train_micro_batches(self):
         t = self.cfg.train
-        total = torch.zeros((), device=self.ctx.device)
         for accum_step in range(self.accum):
             indices = self.data.order.micro_batch_indices(
-                self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.cfg.parallel.micro_batch_size, accum_step
+                self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.micro_batch, accum_step
             )
-            inputs, targets = self._micro_batch(self.data.train, indices)
-            loss = self.par.loss_fn(self.engine(inputs).float(), targets)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach()
+            yield self._micro_batch(self.data.train, indices)
+
+    def _eval_micro_batches(self):
+        for indices in eval_indices(self.data.val.num_samples, self.cfg.train.eval_batches, self.dp_rank, self.dp_size, self.micro_batch):
+            yield self._micro_batch(self.data.val, indices)
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns its mean loss."""
+        if self.par.pp > 1:
+            # The pipeline engine runs the 1F1B schedule over all micro-batches
+            # and returns the loss already averaged over them and over dp.
+            loss = float(self.engine.train_batch(self._train_micro_batches()))
+        else:
+            total = torch.zeros((), device=self.ctx.device)
+            for inputs, targets in self._train_micro_batches():
+                micro_loss = self.par.loss_fn(self.engine(inputs).float(), targets)
+                self.engine.backward(micro_loss)
+                self.engine.step()
+                total += micro_loss.detach()
+            loss = self._dp_mean(total / self.accum)
+        t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         self.state.tokens_seen += t.global_batch_size * self.seq_len
-        return self._dp_mean(total / self.accum)
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        if self.par.pp > 1:
+            return float(self.engine.eval_batch(self._eval_micro_batches(), num_micro_batches=self.cfg.train.eval_batches))
         self.engine.eval()
         total = torch.zeros((), device=self.ctx.device)
-        batches = self.data.eval_batches(self.dp_rank, self.dp_size)
-        for indices in batches:
-            inputs, targets = self._micro_batch(self.data.val, indices)
+        for inputs, targets in self._eval_micro_batches():
             total += self.par.loss_fn(self.engine(inputs).float(), targets)
         self.engine.train()
-        return self._dp_mean(total / max(1, len(batches)))
+        return self._dp_mean(total / self.cfg.train.eval_batches)
 
     def _memory_gb(self) -> float:
         if self.ctx.device.type == "cuda":

@@ -5,9 +5,22 @@ from __future__ import annotations
 from raylm.configs.schema import RunConfig
 
 
-def grad_accum_steps(run: RunConfig, dp_size: int) -> int:
-    """Micro-batches each data-parallel rank runs per optimizer step."""
-    return run.train.global_batch_size // (dp_size * run.parallel.micro_batch_size)
+def micro_batches(run: RunConfig, dp_size: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step.
+
+    With pp > 1 and ``parallel.pipeline_microbatches`` set, that count is
+    fixed and the micro-batch size follows from it; otherwise the micro-batch
+    size is fixed and gradient accumulation fills the global batch.
+    """
+    p = run.parallel
+    if p.pp > 1 and p.pipeline_microbatches:
+        return p.pipeline_microbatches
+    return run.train.global_batch_size // (dp_size * p.micro_batch_size)
+
+
+def micro_batch_size(run: RunConfig, dp_size: int) -> int:
+    """Sequences per rank per forward pass."""
+    return run.train.global_batch_size // (dp_size * micro_batches(run, dp_size))
 
 
 def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
@@ -17,15 +30,14 @@ def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
     restarts): gradient accumulation absorbs the difference.
     """
     p = run.parallel
-    accum = grad_accum_steps(run, dp_size)
     zero: dict = {"stage": p.zero_stage}
     if p.zero_stage == 3:
         # Gather whole layers at once on tiny models instead of prefetch-tuning per parameter.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
     return {
         "train_batch_size": run.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": p.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "train_micro_batch_size_per_gpu": micro_batch_size(run, dp_size),
+        "gradient_accumulation_steps": micro_batches(run, dp_size),
         "gradient_clipping": run.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

@@ -1,0 +1,9 @@
+"""File names inside a run directory (see the README's run-directory section)."""
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+DRIVER_FILE = "driver.json"
+FINAL_DIR = "final"
+STAGE_SUMMARY = "summary.json"
+LOGS_DIR = "logs"

@@ -1,0 +1,124 @@
+"""The plain model as a DeepSpeed ``PipelineModule``: embedding, blocks, norm + head.
+
+The pipeline layers wrap the dense model's own submodules (already
+tensor-parallel where tp > 1), so a pipelined model starts from exactly the
+weights of the single-device one and every parameter keeps its dense name
+through ``dense_names``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from raylm.parallelism.topology import Topology
+
+
+class EmbeddingPipe(nn.Module):
+    """tokens (B, T) -> hidden (B, T, D)."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+
+class BlockPipe(nn.Module):
+    """hidden (B, T, D) -> hidden (B, T, D); carries its own RoPE tables."""
+
+    def __init__(self, block: nn.Module, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.block = block
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        seq_len = hidden.size(1)
+        return self.block(hidden, self.cos[:seq_len], self.sin[:seq_len])
+
+
+class NormPipe(nn.Module):
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class HeadPipe(nn.Module):
+    """hidden (B, T, D) -> logits (B, T, V or V/tp)."""
+
+    def __init__(self, output: nn.Module):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(hidden)
+
+
+class TiedEmbeddingHead(nn.Module):
+    """The embedding and the head that shares its weight, for ``TiedLayerSpec``."""
+
+    def __init__(self, embedding: nn.Module, output: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+        self.output = output
+
+
+def _embed(module: TiedEmbeddingHead, tokens: torch.Tensor) -> torch.Tensor:
+    return module.embedding(tokens)
+
+
+def _head(module: TiedEmbeddingHead, hidden: torch.Tensor) -> torch.Tensor:
+    return module.output(hidden)
+
+
+def pipeline_specs(model: nn.Module, tied: bool) -> List:
+    """Layer specs of the model: [embedding, block_0 .. block_{L-1}, norm, head]."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    cos, sin = model.rope(0, model.cos.size(0)) if hasattr(model, "cos") else model.rope(0, _max_len(model))
+    blocks = [LayerSpec(BlockPipe, block, cos, sin) for block in model.layers]
+    if tied:
+        return [
+            TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, forward_fn=_embed, tied_weight_attr="embedding.weight"),
+            *blocks,
+            LayerSpec(NormPipe, model.norm),
+            TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, forward_fn=_head, tied_weight_attr="embedding.weight"),
+        ]
+    return [LayerSpec(EmbeddingPipe, model.tok_embeddings), *blocks, LayerSpec(NormPipe, model.norm), LayerSpec(HeadPipe, model.output)]
+
+
+def _max_len(model: nn.Module) -> int:
+    return model.cfg.max_seq_len
+
+
+def build_pipeline(
+    model: nn.Module,
+    topology: Topology,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tied: bool,
+    activation_checkpointing: bool,
+):
+    """A ``PipelineModule`` holding this rank's stage of ``model``."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipelineModule(
+        layers=pipeline_specs(model, tied),
+        topology=PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.tp, num_dp=topology.dp),
+        loss_fn=loss_fn,
+        partition_method="parameters",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+    )
+
+
+def dense_names(dense: nn.Module, stage: nn.Module) -> Dict[str, str]:
+    """Dense parameter name of every parameter this stage holds (by identity)."""
+    by_identity = {id(p): name for name, p in dense.named_parameters(remove_duplicate=False)}
+    return {name: by_identity[id(p)] for name, p in stage.named_parameters()}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv with raylm and everything it needs. Safe to re-run.
+# On a machine without an NVIDIA GPU it installs the CPU build of torch first,
+# so nothing later pulls a multi-GB CUDA build. TORCH_SPEC overrides the pick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+if ! python -c "import torch" 2>/dev/null; then
+  if [ -z "${TORCH_SPEC:-}" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      TORCH_SPEC="torch"
+    else
+      TORCH_SPEC="torch==2.13.0"  # the CPU wheel this machine kind keeps on disk
+    fi
+  fi
+  echo "setup: installing $TORCH_SPEC"
+  python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
+fi
+echo "setup: installing raylm and its dependencies"
+python -m pip install -q -e ".[test,hf]" 2>&1 | grep -v "is ignored" || true
+python -c "import raylm, torch, deepspeed, ray" 2>/dev/null || { echo "setup: the install failed; see pip's output above" >&2; exit 1; }
+echo "setup: ready (.venv)"

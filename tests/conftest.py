@@ -1,0 +1,67 @@
+"""Shared fixtures: one real embedded Ray cluster per test session, tiny runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+# A short single-stage pretraining run of the tiny preset: every integration test starts from it.
+TINY_PRETRAIN = [
+    "stages=[{name: pretrain, kind: pretrain}]",
+    "train.max_steps=5",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.ckpt_every=0",
+    "train.eval_batches=2",
+    "train.sample_tokens=8",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "logging.wandb.mode=disabled",
+    "logging.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (127.0.0.1, no dashboard), shared by the session."""
+    from raylm.cluster.connect import shutdown, start_or_connect
+
+    info = start_or_connect(None, local_cpus=4)
+    yield info
+    shutdown()
+
+
+def read_metrics(run_dir: Path, stage: str = "pretrain", kind: str = "train") -> List[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("stage") == stage and r.get("kind") == kind]
+
+
+def losses(run_dir: Path, stage: str = "pretrain") -> List[float]:
+    return [r["loss"] for r in read_metrics(run_dir, stage)]
+
+
+def ray_info():
+    from raylm.cluster.connect import describe
+
+    return describe(embedded=True)
+
+
+def launch_in_process(tmp_path: Path, name: str, overrides: List[str], source: str = "tiny") -> Path:
+    """Run every stage of a config on the session's Ray cluster; return the run dir."""
+    from rich.console import Console
+
+    from raylm.configs.loader import load_config
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.stages import run_all
+
+    run = load_config(source, [f"runs_dir={tmp_path}", f"name={name}", *overrides])
+    run_dir = rundir.create(run, name)
+    run_all(run_dir, run, ray_info(), Console(quiet=True))
+    return run_dir

@@ -1,0 +1,103 @@
+"""Config composition and every validation rule, without Ray."""
+
+from pathlib import Path
+
+import pytest
+
+from raylm.configs.loader import from_yaml_file, load_config, preset_names, resolve_stage, to_yaml
+from raylm.configs.schema import RunConfig
+from raylm.errors import UserError
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "125m", "350m", "1.3b", "7b"} <= set(preset_names())
+    for name in preset_names():
+        run = load_config(name)
+        assert isinstance(run, RunConfig)
+        assert run.stages
+
+
+def test_composition_order_preset_file_dotlist(tmp_path: Path):
+    file = tmp_path / "run.yaml"
+    file.write_text("train: {max_steps: 7, log_every: 3}\nmodel: {n_layer: 2}\n")
+    run = load_config(str(file), ["train.max_steps=9"])
+    assert run.train.max_steps == 9  # dotlist beats file
+    assert run.train.log_every == 3  # file beats preset
+    assert run.model.n_layer == 2
+    assert run.model.d_model == 128  # preset default survives
+
+
+def test_stage_overrides_merge_onto_sections():
+    run = load_config("tiny", ["train.max_steps=11", "stages.1.optim.lr=0.5"])
+    pretrain, sft = resolve_stage(run, 0), resolve_stage(run, 1)
+    assert pretrain.train.max_steps == 11
+    assert sft.train.max_steps == 20  # the stage's own value wins
+    assert sft.optim.lr == 0.5 and pretrain.optim.lr == run.optim.lr
+    assert sft.data.source == "builtin:pydoc-sft"
+
+
+def test_yaml_round_trip(tmp_path: Path):
+    run = load_config("tiny", ["model.n_layer=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(run))
+    assert from_yaml_file(path) == run
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.n_hed=3"], "did you mean 'model.n_head'"),
+        (["trian.max_steps=3"], "unknown config key 'trian"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["train.max_steps=0"], "train.max_steps=0 must be > 0"),
+        (["train.global_batch_size=-4"], "train.global_batch_size=-4 must be > 0"),
+        (["model.n_head=5"], "model.n_head=5 must divide model.d_model=128"),
+        (["model.n_head=8", "model.d_model=24"], "head size"),
+        (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),
+        (["parallel.tp=4"], "parallel.tp=4 must divide model.n_head=4 and model.n_kv_head=2"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
+        (["parallel.pp=2", "parallel.zero_stage=2"], "DeepSpeed's pipeline engine supports ZeRO 0 or 1"),
+        (["parallel.pp=9", "parallel.zero_stage=1", "cluster.num_workers=9", "train.global_batch_size=36"], "exceeds model.n_layer=4"),
+        (["cluster.num_workers=3"], "train.global_batch_size=16 must be a multiple of data-parallel size 3"),
+        (["parallel.tp=2", "cluster.num_workers=3"], "cluster.num_workers=3 is not divisible by parallel.tp=2"),
+        (["cluster.min_workers=3"], "cluster.min_workers=3"),
+        (["data.source=/does/not/exist"], "/does/not/exist"),
+        (["data.source=builtin:nope"], "not a built-in pretrain corpus"),
+        (["data.tokenizer=byte", "model.vocab_size=100"], "too small for data.tokenizer='byte'"),
+        (["data.val_fraction=1.5"], "data.val_fraction=1.5"),
+        (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2.0"),
+        (["optim.beta2=1.0"], "optim.beta2=1.0"),
+        (["train.precision=fp8"], "train.precision='fp8' must be one of"),
+        (["cluster.use_gpu=maybe"], "cluster.use_gpu='maybe'"),
+        (["logging.wandb.mode=loud"], "logging.wandb.mode='loud'"),
+        (["stages.1.kind=rlhf"], "stages.1.kind='rlhf'"),
+        (["stages.1.name=pretrain"], "used twice"),
+        (["stages.1.train.max_stepz=3"], "stages.1.train.max_stepz"),
+        (["stages.0.init_from=/no/such/dir"], "stages.0.init_from"),
+        (["stages=[]"], "stages is empty"),
+        (["train.max_steps"], "must look like key=value"),
+    ],
+)
+def test_invalid_configs_name_the_key(overrides, fragment):
+    with pytest.raises(UserError) as err:
+        load_config("tiny", overrides)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_unknown_preset_suggests_the_close_one():
+    with pytest.raises(UserError, match="did you mean 'tiny'"):
+        load_config("tinyy")
+
+
+def test_missing_yaml_file_names_the_path(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_bad_yaml_names_the_line(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(UserError, match="bad.yaml"):
+        load_config(str(path))
