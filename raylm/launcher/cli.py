@@ -80,6 +80,84 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.resume import with_resume_overrides
+    from raylm.launcher.status import driver_alive
+
+    run_dir = rundir.locate(args.run, args.runs_dir)
+    if driver_alive(run_dir):
+        raise UserError(f"run {run_dir.name} is still running (its driver is alive); wait for it or stop it first")
+    run = with_resume_overrides(rundir.load(run_dir), args.set or [])
+    rundir.save_config(run_dir, run)
+
+    from raylm.cluster.connect import start_or_connect
+    from raylm.launcher.stages import run_all
+
+    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
+    run_all(run_dir, run, info, Console())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.status import list_runs, run_status
+
+    runs = [rundir.locate(args.run, args.runs_dir)] if args.run else list_runs(Path(args.runs_dir))
+    console = Console()
+    if not runs:
+        console.print(f"no runs in {args.runs_dir}/")
+        return 0
+    table = Table()
+    for column in ("run", "stage", "state", "step", "last checkpoint", "restarts"):
+        table.add_column(column)
+    for run_dir in runs:
+        for s in run_status(run_dir):
+            table.add_row(run_dir.name, f"{s.name} ({s.kind})", s.state, f"{s.step}/{s.max_steps}", s.last_checkpoint or "-", str(s.restarts))
+    console.print(table)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from raylm.parallelism.memory import estimate, parse_size
+
+    config, overrides = _split_config_and_overrides(args)
+    run = load_config(config, overrides)
+    bf16 = args.precision == "bf16"
+    plan = estimate(run, bf16=bf16)
+    p = run.parallel
+    console = Console()
+    console.print(
+        f"{plan.params / 1e6:,.1f}M parameters, {plan.flops_per_token / 1e9:,.2f} GFLOPs per token; "
+        f"layout tp={p.tp} pp={p.pp} dp={plan.dp}, ZeRO-{p.zero_stage}, {'bf16' if bf16 else 'fp32'}; "
+        f"{plan.micro_batches} micro-batches of {plan.micro_batch} per rank"
+    )
+    table = Table(title=f"per-GPU memory (busiest rank holds {plan.params_per_rank / 1e6:,.1f}M parameters)")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for label, value in (
+        ("weights", plan.weights_gib),
+        ("gradients", plan.grads_gib),
+        ("optimizer state", plan.optimizer_gib),
+        ("activations per step (no checkpointing)", plan.activations_gib),
+        ("activations per step (checkpointing)", plan.activations_checkpointed_gib),
+        ("total", plan.total_gib(p.activation_checkpointing)),
+    ):
+        table.add_row(label, f"{value:,.2f}")
+    console.print(table)
+    console.print(f"1F1B pipeline bubble: (p-1)/(m+p-1) = {plan.bubble_fraction:.3f}")
+    if args.gpu_mem:
+        capacity = parse_size(args.gpu_mem)
+        total = plan.total_gib(p.activation_checkpointing)
+        verdict = "fits" if total <= capacity else "does NOT fit"
+        console.print(f"{verdict} in {capacity:,.1f} GiB per GPU ({total:,.1f} GiB needed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="Pretrain and fine-tune Llama-style models on Ray + DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--name", help="run name (directory under runs/); default: <config>-<time>")
     launch.add_argument("--address", help="an existing Ray cluster ('auto', 'host:6379', 'ray://host:10001'); default: start a local one")
     launch.set_defaults(func=cmd_launch)
+
+    resume = sub.add_parser("resume", help="continue a stopped or failed run from its last complete checkpoint")
+    resume.add_argument("run", help="a run directory or a run name under --runs-dir")
+    resume.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a safe setting (steps, logging, fault handling)")
+    resume.add_argument("--runs-dir", default="runs")
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", help="show each run's stages, step, last checkpoint and restarts")
+    status.add_argument("run", nargs="?", help="one run (directory or name); default: every run")
+    status.add_argument("--runs-dir", default="runs")
+    status.set_defaults(func=cmd_status)
+
+    plan = sub.add_parser("plan", help="parameters, FLOPs and per-GPU memory of a layout, without starting Ray")
+    _config_args(plan)
+    plan.add_argument("--gpu-mem", help="GPU memory to check against, e.g. 80GB")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="inspect configs without running anything")
     config_sub = config.add_subparsers(dest="config_command", required=True)

@@ -1,0 +1,49 @@
+"""Which settings may change when a run is resumed."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from omegaconf import OmegaConf
+
+from raylm.configs.loader import apply_overrides
+from raylm.configs.schema import RunConfig
+from raylm.configs.validate import validate
+from raylm.errors import UserError
+
+# Changing anything else would change the model, the data order or the
+# checkpoint layout the saved shards were written with.
+SAFE_ON_RESUME = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.sample_tokens",
+    "logging.",
+    "fault.",
+    "cluster.address",
+    "cluster.local_cpus",
+)
+
+
+def is_safe(key: str) -> bool:
+    section_key = re.sub(r"^stages\.\d+\.", "", key)
+    return any(section_key == safe or (safe.endswith(".") and section_key.startswith(safe)) for safe in SAFE_ON_RESUME)
+
+
+def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig:
+    overrides = list(overrides)
+    for item in overrides:
+        key = item.partition("=")[0]
+        if not is_safe(key):
+            raise UserError(
+                f"--set {key} cannot change on resume (it changes the model, data order or checkpoint layout); "
+                f"safe keys: {', '.join(SAFE_ON_RESUME)}; for anything else start a new run with stages.0.init_from"
+            )
+    cfg = apply_overrides(OmegaConf.structured(run), overrides)
+    updated: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(updated)
+    return updated

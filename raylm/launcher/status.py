@@ -1,0 +1,86 @@
+"""What each run is doing, read from its directory alone (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from raylm.launcher import run_dir as rundir
+from raylm.launcher.checkpoint import read_state, step_dirs, verify
+from raylm.launcher.layout import CONFIG_FILE, DRIVER_FILE, METRICS_FILE
+
+
+@dataclass
+class StageStatus:
+    name: str
+    kind: str
+    state: str  # finished | running | interrupted | pending
+    step: int
+    max_steps: int
+    last_checkpoint: Optional[str]
+    restarts: int
+
+
+def _records(run_dir: Path) -> List[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def driver_alive(run_dir: Path) -> bool:
+    path = run_dir / DRIVER_FILE
+    if not path.exists():
+        return False
+    try:
+        os.kill(json.loads(path.read_text())["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
+def run_status(run_dir: Path) -> List[StageStatus]:
+    from raylm.configs.loader import resolve_stage
+
+    run = rundir.load(run_dir)
+    records = _records(run_dir)
+    alive = driver_alive(run_dir)
+    out = []
+    for index, stage in enumerate(run.stages):
+        mine = [r for r in records if r.get("stage") == stage.name]
+        steps = [r.get("step", 0) for r in mine if r.get("kind") in ("train", "end", "start")]
+        starts = [r for r in mine if r.get("kind") == "start"]
+        complete = next((p for p in step_dirs(run_dir / stage.name) if verify(p, check_hashes=False) is None), None)
+        if rundir.stage_finished(run_dir, stage.name):
+            state = "finished"
+        elif not mine:
+            state = "pending"
+        else:
+            state = "running" if alive else "interrupted"
+        out.append(
+            StageStatus(
+                name=stage.name,
+                kind=stage.kind,
+                state=state,
+                step=max(steps, default=0),
+                max_steps=resolve_stage(run, index).train.max_steps,
+                last_checkpoint=f"{complete.name} (step {read_state(complete).step})" if complete else None,
+                restarts=max(0, len(starts) - 1),
+            )
+        )
+    return out
+
+
+def list_runs(runs_dir: Path) -> List[Path]:
+    if not runs_dir.is_dir():
+        return []
+    return sorted((p for p in runs_dir.iterdir() if (p / CONFIG_FILE).is_file()), key=lambda p: p.stat().st_mtime)
