@@ -16,6 +16,7 @@ from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.errors import StageFailed, UserError
 from raylm.launcher import run_dir as rundir
+from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
 from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, SUMMARY_FILE
@@ -59,6 +60,8 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     summary = rundir.stage_summary(run_dir, stage.name)
     if summary is None:
         raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
+    picture = plot_stage_loss(run_dir, stage.name)
+    summary["loss_png"] = str(picture) if picture else None
     return summary
 
 
@@ -95,4 +98,6 @@ def print_summary(summary: dict, console: Console) -> None:
     for s in summary["stages"]:
         console.print(f"[bold]{s['stage']} sample[/]: {s['sample']!r}")
         console.print(f"[bold]{s['stage']} weights[/]: {s['final_dir']}")
+        if s.get("loss_png"):
+            console.print(f"[bold]{s['stage']} loss curve[/]: {s['loss_png']}")
     console.print(f"run directory: {summary['run_dir']}")

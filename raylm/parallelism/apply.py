@@ -2,20 +2,22 @@
 
 The training loop only sees a ``ParallelModel``: the module DeepSpeed wraps,
 the loss to use on its outputs, the data-parallel coordinates and how to get
-the full weights back.
+the full dense weights back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Set
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from raylm.configs.schema import RunConfig
 from raylm.models.loss import cross_entropy_loss
+from raylm.parallelism.pipeline import build_pipeline, stage_names
 from raylm.parallelism.plan import apply_tensor_parallel, tp_loss_fn
 from raylm.parallelism.reshard import gather_full_state_dict
 from raylm.parallelism.topology import Mpu, ParallelGroups, Topology, build_groups
@@ -24,10 +26,16 @@ from raylm.parallelism.topology import Mpu, ParallelGroups, Topology, build_grou
 @dataclass
 class ParallelModel:
     module: nn.Module
+    """What DeepSpeed wraps: the (TP-sharded) model, or this rank's PipelineModule."""
     topology: Topology
     groups: ParallelGroups
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mpu: Optional[Any]
+    """DeepSpeed's model-parallel unit; None where DeepSpeed builds its own (pp > 1) or none is needed."""
+    dense: Optional[nn.Module] = None
+    """The (TP-sharded) dense model whose submodules the pipeline stage wraps."""
+    stage_names: Optional[Set[str]] = None
+    """Dense names of the weights this pipeline stage trains."""
 
     @property
     def tp(self) -> int:
@@ -43,33 +51,48 @@ class ParallelModel:
 
     @property
     def dp_rank(self) -> int:
-        return self.topology.coords(dist.get_rank())[1]
+        return self.groups.dp_rank
 
     @property
     def dp_group(self):
         return self.groups.dp_group
 
     def consolidated_state_dict(self, engine) -> Dict[str, torch.Tensor]:
-        """Full dense weights (raylm names) on every rank; a collective call."""
+        """Full dense weights (raylm names, on CPU) on every rank; a collective call."""
         if engine.zero_optimization_stage() == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return self._gather_tp()
-        return self._gather_tp()
+                return self._gather()
+        return self._gather()
 
-    def _gather_tp(self) -> Dict[str, torch.Tensor]:
-        if self.tp == 1:
-            return {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
-        return {k: v.cpu() for k, v in gather_full_state_dict(self.module, self.groups).items()}
+    def _gather(self) -> Dict[str, torch.Tensor]:
+        if self.pp == 1:
+            return {k: v.cpu() for k, v in gather_full_state_dict(self.module, self.groups).items()}
+        # Every rank of a tp group holds the same stage, so gathering the whole
+        # dense model over it is consistent; only this stage's weights are current.
+        full = gather_full_state_dict(self.dense, self.groups)
+        stage = {k: v.cpu() for k, v in full.items() if k in self.stage_names}
+        parts: list = [None] * self.pp
+        dist.all_gather_object(parts, stage, group=self.groups.pp_group)
+        return {name: tensor for part in parts for name, tensor in part.items()}
+
+
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (state-dict names are kept)."""
+    for index, block in enumerate(model.layers):
+        model.layers[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def build_parallel_model(dense: nn.Module, run: RunConfig, rank: int, world_size: int) -> ParallelModel:
-    """Shard ``dense`` (identical on every rank) for this rank."""
+    """Shard ``dense`` (identical on every rank) for this rank; a collective call."""
     topology = Topology.for_world(run.parallel.tp, run.parallel.pp, world_size)
     groups = build_groups(topology, rank)
-    if topology.tp == 1 and topology.pp == 1:
-        return ParallelModel(dense, topology, groups, cross_entropy_loss, None)
     module = apply_tensor_parallel(dense, groups.tp_group) if topology.tp > 1 else dense
     loss_fn = tp_loss_fn(groups.tp_group) if topology.tp > 1 else cross_entropy_loss
-    return ParallelModel(module, topology, groups, loss_fn, Mpu(groups))
+    if topology.pp > 1:
+        pipe = build_pipeline(module, topology, loss_fn, run.model.tie_embeddings, run.parallel.activation_checkpointing)
+        return ParallelModel(pipe, topology, groups, loss_fn, None, module, stage_names(module, pipe))
+    if run.parallel.activation_checkpointing:
+        _checkpoint_blocks(module)
+    return ParallelModel(module, topology, groups, loss_fn, Mpu(groups) if topology.tp > 1 else None)

@@ -8,7 +8,7 @@ through ``dense_names``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, List, Set
 
 import torch
 from torch import nn
@@ -118,7 +118,7 @@ def build_pipeline(
     )
 
 
-def dense_names(dense: nn.Module, stage: nn.Module) -> Dict[str, str]:
-    """Dense parameter name of every parameter this stage holds (by identity)."""
-    by_identity = {id(p): name for name, p in dense.named_parameters(remove_duplicate=False)}
-    return {name: by_identity[id(p)] for name, p in stage.named_parameters()}
+def stage_names(dense: nn.Module, stage: nn.Module) -> Set[str]:
+    """Dense state-dict names of the weights held by this pipeline stage (tied names included)."""
+    held = {id(p) for p in stage.parameters()}
+    return {name for name, tensor in dense.state_dict(keep_vars=True).items() if id(tensor) in held}

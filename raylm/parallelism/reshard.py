@@ -1,0 +1,75 @@
+"""Between the dense layout and tensor-parallel shards, driven by the plan's split dimensions.
+
+State dicts keep the dense raylm names on every rank; only the values differ:
+a split entry holds this rank's equal slice along the plan's dimension, every
+other entry (norms, buffers) is the full tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raylm.parallelism.plan import LLAMA_TP_PLAN, split_dim_of
+from raylm.parallelism.topology import ParallelGroups
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def shard_state_dict(full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> StateDict:
+    """Tensor rank ``tp_rank``'s shard of a dense state dict (split entries are copies, not views)."""
+    shards: StateDict = {}
+    for name, tensor in full_sd.items():
+        dim = split_dim_of(name, plan)
+        if dim is None:
+            shards[name] = tensor
+            continue
+        if tensor.size(dim) % tp:
+            raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not split into {tp} equal shards along dimension {dim}")
+        shards[name] = tensor.chunk(tp, dim=dim)[tp_rank].clone()
+    return shards
+
+
+def unshard_state_dicts(per_tp_rank_sds: List[Mapping[str, torch.Tensor]], tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> StateDict:
+    """The dense state dict from every tensor rank's shard (listed in tensor-rank order)."""
+    if len(per_tp_rank_sds) != tp:
+        raise ValueError(f"expected the state dicts of {tp} tensor ranks, got {len(per_tp_rank_sds)}")
+    full: StateDict = {}
+    for name, first in per_tp_rank_sds[0].items():
+        dim = split_dim_of(name, plan)
+        full[name] = first if dim is None else torch.cat([sd[name] for sd in per_tp_rank_sds], dim=dim)
+    return full
+
+
+def gather_full_state_dict(
+    model: nn.Module,
+    groups: ParallelGroups,
+    dense_names: Optional[Mapping[str, str]] = None,
+    plan: Mapping[str, str] = LLAMA_TP_PLAN,
+) -> StateDict:
+    """The dense weights of ``model``'s (stage's) parameters on every rank of its tp group; a collective.
+
+    ``dense_names`` maps the module's own names to dense raylm names (a
+    pipeline stage's, say); the result is keyed by the dense names and
+    left on the parameters' device.
+    """
+    rename = dense_names or {}
+    tp_group = groups.tp_group
+    tp = dist.get_world_size(tp_group)
+    gathered_by_tensor: Dict[int, torch.Tensor] = {}  # a tied weight is gathered once
+    full: StateDict = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        dense_name = rename.get(name, name)
+        dim = split_dim_of(dense_name, plan)
+        if dim is None or tp == 1:
+            full[dense_name] = tensor.detach().clone()
+            continue
+        if id(tensor) not in gathered_by_tensor:
+            parts = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
+            gathered_by_tensor[id(tensor)] = torch.cat(parts, dim=dim)
+        full[dense_name] = gathered_by_tensor[id(tensor)]
+    return full

@@ -1,0 +1,35 @@
+"""Run a function on N real processes joined by a gloo process group on localhost."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    torch.set_num_threads(1)  # several ranks share the test machine's cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # what Ray Train exports, on loopback
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Call ``fn(rank, world_size, *args)`` on every rank; a failure on any rank fails the caller.
+
+    ``fn`` must be a module-level function (the ranks are fresh interpreters).
+    """
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
