@@ -19,7 +19,7 @@ from raylm.launcher import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
-from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, SUMMARY_FILE
+from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
 
 
 def _worker_error_message(err: BaseException) -> str:
@@ -62,6 +62,7 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
         raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
     picture = plot_stage_loss(run_dir, stage.name)
     summary["loss_png"] = str(picture) if picture else None
+    (run_dir / stage.name / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
 
 
