@@ -51,6 +51,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.stages import run_all
 
+    rundir.reserve(run, _prefix(config))
     info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
     run_dir = rundir.create(run, _prefix(config))
     run_all(run_dir, run, info, Console())

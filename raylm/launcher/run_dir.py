@@ -22,14 +22,20 @@ def fresh_name(prefix: str, runs_dir: Path) -> str:
     return name
 
 
-def create(run: RunConfig, prefix: str) -> Path:
-    """Make ``runs_dir/<name>`` and save the resolved config; never reuse a name."""
+def reserve(run: RunConfig, prefix: str) -> Path:
+    """Name the run (fresh unless given) and refuse a name already taken."""
     runs_dir = Path(run.runs_dir)
     if run.name is None:
         run.name = fresh_name(prefix, runs_dir)
     run_dir = (runs_dir / run.name).resolve()
     if run_dir.exists():
         raise UserError(f"run '{run.name}' already exists in {runs_dir}; continue it with 'raylm resume {run_dir}' or pick another --name")
+    return run_dir
+
+
+def create(run: RunConfig, prefix: str) -> Path:
+    """Make ``runs_dir/<name>`` and save the resolved config; never reuse a name."""
+    run_dir = reserve(run, prefix)
     run_dir.mkdir(parents=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(run))
     return run_dir

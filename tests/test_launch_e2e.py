@@ -1,0 +1,76 @@
+"""`raylm launch` end to end through the CLI: pretrain -> sft on an embedded cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """The embedded default, shortened, with a different worker count per stage."""
+    cwd = tmp_path_factory.mktemp("e2e")
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "e2e",
+            "train.max_steps=12", "train.eval_every=6", "train.ckpt_every=6", "stages.1.train.max_steps=6",
+            "stages.1.cluster.num_workers=1", "model.vocab_size=1024",
+        ],
+        cwd=cwd, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (cwd / "stdout.txt").write_text(result.stdout)
+    return cwd / "runs" / "e2e"
+
+
+def _records(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_layout(default_run):
+    for path in ("config.yaml", "summary.json", "metrics.jsonl", "tokenizer/tokenizer.json", "wandb"):
+        assert (default_run / path).exists(), path
+    for stage in ("pretrain", "sft"):
+        final = default_run / stage / "final"
+        assert (final / "model.safetensors").is_file() and (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+        assert (default_run / stage / "loss.png").is_file()
+        assert (default_run / stage / "logs" / "rank_000.log").is_file()
+    assert sorted(p.name for p in (default_run / "pretrain").glob("step_*")) == ["step_0000006", "step_0000012"]
+
+
+def test_metrics_and_summary(default_run):
+    records = _records(default_run)
+    train = [r for r in records if r["stage"] == "pretrain" and r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 12]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb"} <= set(r) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert any(r["kind"] == "eval" and r["stage"] == "pretrain" for r in records)
+    summary = json.loads((default_run / "summary.json").read_text())
+    pretrain, sft = summary["stages"]
+    assert pretrain["layout"]["dp"] == 2 and sft["layout"]["dp"] == 1
+    assert pretrain["perplexity"] > 1 and pretrain["tokens_per_s"] > 0
+    assert sft["sample"].startswith("<|user|>")
+    stdout = (default_run.parent.parent / "stdout.txt").read_text()
+    assert "perplexity" in stdout and str(default_run) in stdout
+
+
+def test_wandb_offline_runs_one_per_stage(default_run):
+    offline = sorted(p.name for p in (default_run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2
+    ids = {(default_run / s / "wandb_id").read_text() for s in ("pretrain", "sft")}
+    assert all(any(i in name for name in offline) for i in ids)
+
+
+def test_launch_refuses_an_existing_run_name(default_run):
+    result = subprocess.run(
+        [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "e2e"],
+        cwd=default_run.parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "raylm resume" in result.stderr
