@@ -25,7 +25,7 @@ def _copy(value: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = _f(2048, "Vocabulary size; the BPE tokenizer is trained to this size (the byte tokenizer needs >= 259).")
+    vocab_size: int = _f(2048, "Vocabulary size; the BPE tokenizer is trained to this size (the byte tokenizer needs >= 262: 256 bytes + 6 specials).")
     d_model: int = _f(128, "Width of the residual stream.")
     n_layer: int = _f(4, "Number of transformer blocks.")
     n_head: int = _f(4, "Number of query heads; must divide d_model.")
@@ -56,7 +56,6 @@ class DataConfig:
     text_field: str = _f("text", "Field holding the text in JSONL corpora.")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
     val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")
-    num_proc_tokenize: int = _f(1, "Processes used to tokenize the corpus.")
 
 
 @dataclass

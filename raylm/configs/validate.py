@@ -127,7 +127,6 @@ def validate_data(run: RunConfig, kind: str) -> None:
     _one_of(d.tokenizer, "data.tokenizer", ("bpe", "byte"))
     if not 0 < d.val_fraction < 1:
         raise UserError(f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive)")
-    _positive(d.num_proc_tokenize, "data.num_proc_tokenize")
     source = d.source
     if source.startswith("builtin:"):
         if source not in BUILTIN_SOURCES[kind]:

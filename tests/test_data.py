@@ -1,0 +1,337 @@
+"""raylm.data: tokenizers, corpora, packed tokens, chat template, sft rows, prepare_dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylm.configs.schema import DataConfig, ModelConfig
+from raylm.data import prepare_dataset
+from raylm.data.chat import format_chat, tokenize_chat
+from raylm.data.corpus import iter_documents
+from raylm.data.packed import PackedTokens, build_packed, token_dtype
+from raylm.data.sft import IGNORE_INDEX, SftRows, build_sft, iter_sft_examples
+from raylm.data.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from raylm.errors import UserError
+
+UNICODE_TEXT = "héllo wörld — 日本語 🎉\n\n\tx  <|end|> trailing space "
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return train_tokenizer(iter_documents("builtin:pydoc"), "bpe", 512)
+
+
+@pytest.fixture(scope="module")
+def byte() -> Tokenizer:
+    return train_tokenizer([], "byte", MIN_VOCAB_SIZE)
+
+
+def numbered_documents(count: int) -> list:
+    return [f"document {i}: " + "word " * (5 + i % 7) for i in range(count)]
+
+
+def split_documents(tokenizer: Tokenizer, path: Path) -> list:
+    """The documents stored in a packed split, recovered by cutting at eos."""
+    tokens = np.fromfile(path, dtype=token_dtype(tokenizer.vocab_size)).tolist()
+    return tokenizer.decode(tokens).split(SPECIAL_TOKENS[0])[:-1]
+
+
+# ---------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+def test_tokenizer_round_trips_any_text(kind, bpe, byte):
+    tokenizer = bpe if kind == "bpe" else byte
+    assert tokenizer.kind == kind
+    assert tokenizer.decode(tokenizer.encode(UNICODE_TEXT)) == UNICODE_TEXT
+
+
+def test_bpe_has_exact_vocab_size_and_compresses(bpe, byte):
+    assert bpe.vocab_size == 512
+    assert byte.vocab_size == MIN_VOCAB_SIZE == 262
+    text = "def function(argument): return argument"
+    assert len(bpe.encode(text)) < len(byte.encode(text)) == len(text)
+
+
+def test_special_tokens_are_single_distinct_ids(bpe):
+    ids = [bpe.eos_id, bpe.pad_id, bpe.system_id, bpe.user_id, bpe.assistant_id, bpe.end_id]
+    assert len(set(ids)) == len(SPECIAL_TOKENS)
+    assert [bpe.encode(token) for token in SPECIAL_TOKENS] == [[i] for i in ids]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+def test_save_load_gives_same_encodings(kind, bpe, byte, tmp_path):
+    tokenizer = bpe if kind == "bpe" else byte
+    tokenizer.save(tmp_path)
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.encode(UNICODE_TEXT) == tokenizer.encode(UNICODE_TEXT)
+    assert (loaded.kind, loaded.vocab_size, loaded.fingerprint) == (tokenizer.kind, tokenizer.vocab_size, tokenizer.fingerprint)
+
+
+def test_saved_tokenizer_loads_in_hugging_face(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bpe.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert hf.encode(UNICODE_TEXT) == bpe.encode(UNICODE_TEXT)
+    assert (hf.eos_token_id, hf.pad_token_id) == (bpe.eos_id, bpe.pad_id)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+def test_tiny_vocab_is_a_user_error(kind):
+    with pytest.raises(UserError, match="model.vocab_size=100"):
+        train_tokenizer(["some text"], kind, 100)
+
+
+def test_corpus_too_small_for_bpe_vocab_is_a_user_error():
+    with pytest.raises(UserError, match="too small to learn 4096"):
+        train_tokenizer(["tiny corpus"], "bpe", 4096)
+
+
+def test_load_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)):
+        Tokenizer.load(tmp_path)
+
+
+# ---------------------------------------------------------------- corpus
+def test_builtin_pydoc_is_every_topic_sorted():
+    from pydoc_data.topics import topics
+
+    documents = list(iter_documents("builtin:pydoc"))
+    assert documents == [topics[key] for key in sorted(topics)]
+
+
+def test_text_file_is_one_document(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == ["line one\nline two\n"]
+
+
+def test_directory_reads_txt_and_md_recursively_in_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.md").write_text("B")
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / "sub" / "c.txt").write_text("C")
+    (tmp_path / "skip.py").write_text("not text")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert list(iter_documents(str(tmp_path))) == ["A", "B", "C"]
+
+
+def test_glob_matches_files_sorted(tmp_path):
+    for name in ["2.txt", "1.txt", "x.log"]:
+        (tmp_path / name).write_text(name)
+    assert list(iter_documents(str(tmp_path / "*.txt"))) == ["1.txt", "2.txt"]
+
+
+def test_jsonl_reads_the_text_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"body": "first"}\n\n{"body": "second", "id": 2}\n')
+    assert list(iter_documents(str(path), text_field="body")) == ["first", "second"]
+
+
+def test_missing_source_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    with pytest.raises(UserError, match="nowhere.txt"):
+        list(iter_documents(str(missing)))
+
+
+def test_glob_without_match_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="matched no files"):
+        list(iter_documents(str(tmp_path / "*.txt")))
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [("not json", r"c.jsonl:2: not valid JSON"), ("[1, 2]", r"c.jsonl:2: expected a JSON object"), ('{"other": "x"}', r"c.jsonl:2: no field 'text'")],
+)
+def test_bad_jsonl_line_names_file_and_line(tmp_path, bad_line, expected):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + bad_line + "\n")
+    with pytest.raises(UserError, match=expected):
+        list(iter_documents(str(path)))
+
+
+def test_only_empty_documents_is_a_user_error(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n")
+    with pytest.raises(UserError, match="only empty documents"):
+        list(iter_documents(str(tmp_path)))
+
+
+# ---------------------------------------------------------------- packed
+def test_token_dtype_fits_the_vocabulary():
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_packed_windows_are_shifted_by_one_and_do_not_overlap(byte, tmp_path):
+    meta = build_packed(numbered_documents(40), byte, tmp_path, val_fraction=0.1, seed=0)
+    assert meta["dtype"] == "uint16"
+    reader = PackedTokens(tmp_path / "train.bin", meta["dtype"], seq_len=16)
+    tokens = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    assert reader.num_samples == (len(tokens) - 1) // 16
+    inputs, targets = reader.batch([0, 1, 2])
+    assert inputs.shape == targets.shape == (3, 16) and inputs.dtype == np.int64
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    np.testing.assert_array_equal(inputs.reshape(-1), tokens[:48])
+    np.testing.assert_array_equal(targets.reshape(-1), tokens[1:49])
+
+
+def test_held_out_split_is_whole_documents_disjoint_and_deterministic(byte, tmp_path):
+    documents = numbered_documents(40)
+    build_packed(documents, byte, tmp_path / "a", val_fraction=0.2, seed=7)
+    build_packed(documents, byte, tmp_path / "b", val_fraction=0.2, seed=7)
+    build_packed(documents, byte, tmp_path / "c", val_fraction=0.2, seed=8)
+    train, val = (split_documents(byte, tmp_path / "a" / f"{s}.bin") for s in ("train", "val"))
+    assert sorted(train + val) == sorted(documents)
+    assert not set(train) & set(val)
+    assert 0.1 < len(val) / len(documents) < 0.3
+    assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
+    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+
+
+def test_two_documents_give_one_to_each_split(byte, tmp_path):
+    meta = build_packed(["first document", "second document"], byte, tmp_path, val_fraction=0.01, seed=0)
+    assert (meta["train_documents"], meta["val_documents"]) == (1, 1)
+
+
+def test_single_document_splits_its_tokens(byte, tmp_path):
+    meta = build_packed(["x" * 999], byte, tmp_path, val_fraction=0.1, seed=0)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (900, 100)
+
+
+def test_split_shorter_than_a_sequence_is_a_user_error(byte, tmp_path):
+    build_packed(numbered_documents(10), byte, tmp_path, val_fraction=0.1, seed=0)
+    with pytest.raises(UserError, match="val split.*max_seq_len"):
+        PackedTokens(tmp_path / "val.bin", "uint16", seq_len=4096)
+
+
+# ---------------------------------------------------------------- chat
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": " Six, with a leading space."},
+]
+
+
+def test_chat_template_renders_roles_and_generation_prompt():
+    text = format_chat(CONVERSATION[1:2], add_generation_prompt=True)
+    assert text == "<|user|>\nWhat is 2 + 2?<|end|>\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+def test_chat_mask_covers_exactly_the_assistant_replies(kind, bpe, byte):
+    tokenizer = bpe if kind == "bpe" else byte
+    ids, mask = tokenize_chat(tokenizer, CONVERSATION)
+    assert len(ids) == len(mask)
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "It is 4.<|end|> Six, with a leading space.<|end|>"
+    # Segment-wise tokenization agrees with tokenizing the rendered text, which generation does.
+    assert ids == tokenizer.encode(format_chat(CONVERSATION, add_generation_prompt=False))
+
+
+def test_unknown_role_is_refused():
+    with pytest.raises(ValueError, match="role 'bot'"):
+        format_chat([{"role": "bot", "content": "hi"}], add_generation_prompt=False)
+
+
+# ---------------------------------------------------------------- sft
+def test_builtin_pydoc_sft_has_many_deterministic_examples():
+    examples = list(iter_sft_examples("builtin:pydoc-sft"))
+    assert len(examples) > 100
+    assert examples == list(iter_sft_examples("builtin:pydoc-sft"))
+    assert examples[0][0]["content"].startswith("Explain the Python topic '")
+    assert all(len(m["content"]) <= 400 for example in examples for m in example)
+
+
+def test_sft_jsonl_accepts_both_record_shapes(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    records = [{"prompt": "p", "response": "r"}, {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert list(iter_sft_examples(str(path))) == [
+        [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}],
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_record, expected",
+    [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "sft.jsonl:2: message 0 has role 'robot'"),
+        ({"prompt": "only a prompt"}, "sft.jsonl:2: expected string fields 'prompt' and 'response'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "sft.jsonl:2: no assistant message"),
+    ],
+)
+def test_bad_sft_record_names_file_and_line(tmp_path, bad_record, expected):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps(bad_record) + "\n")
+    with pytest.raises(UserError, match=expected):
+        list(iter_sft_examples(str(path)))
+
+
+def test_sft_targets_ignore_prompt_and_padding(bpe, tmp_path):
+    examples = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(10)]
+    meta = build_sft(examples, bpe, tmp_path, seq_len=32, val_fraction=0.2, seed=0)
+    assert (meta["train_examples"], meta["val_examples"], meta["truncated_examples"]) == (8, 2, 0)
+    train = SftRows(tmp_path, "train")
+    inputs, targets = train.batch(range(train.num_samples))
+    assert inputs.shape == targets.shape == (8, 32) and targets.dtype == np.int64
+    for row_inputs, row_targets in zip(inputs, targets):
+        trained = row_targets[row_targets != IGNORE_INDEX]
+        answer = bpe.decode(trained.tolist())
+        assert answer.startswith("answer ") and answer.endswith("<|end|>")
+        prompt_and_reply = bpe.decode(row_inputs[row_inputs != bpe.pad_id].tolist())
+        assert prompt_and_reply.startswith("<|user|>\nquestion ")
+        # Padding is ignored: after the last real token every target is -100.
+        real = int((row_inputs != bpe.pad_id).sum())
+        assert (row_inputs[real:] == bpe.pad_id).all() and (row_targets[real - 1 :] == IGNORE_INDEX).all()
+
+
+def test_sft_truncates_long_examples_and_counts_them(byte, tmp_path):
+    examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 100}] for _ in range(4)]
+    meta = build_sft(examples, byte, tmp_path, seq_len=20, val_fraction=0.25, seed=0)
+    assert meta["truncated_examples"] == 4
+    inputs, targets = SftRows(tmp_path, "train").batch([0])
+    assert (inputs != byte.pad_id).all()
+    assert (targets[0, -5:] == byte.encode("a")[0]).all()
+
+
+# ---------------------------------------------------------------- prepare_dataset
+def test_prepare_pretrain_reuses_a_complete_dataset(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    data_cfg = DataConfig(source=str(corpus), tokenizer="byte", val_fraction=0.1)
+    model_cfg = ModelConfig(vocab_size=300, max_seq_len=32)
+    out = tmp_path / "data"
+    train, val, tokenizer = prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
+    assert train.num_samples > 0 and val.num_samples > 0 and tokenizer.kind == "byte"
+    first = train.batch([0])
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the dataset should have been reused")
+
+    monkeypatch.setattr("raylm.data.build_packed", no_rebuild)
+    train_again, _, _ = prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
+    np.testing.assert_array_equal(train_again.batch([0])[0], first[0])
+    # A different split recipe, or a dataset whose meta.json never got written, is rebuilt.
+    with pytest.raises(AssertionError, match="reused"):
+        prepare_dataset("pretrain", replace(data_cfg, val_fraction=0.2), model_cfg, out, seed=1)
+    (out / "meta.json").unlink()
+    with pytest.raises(AssertionError, match="reused"):
+        prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
+
+
+def test_prepare_sft_trains_a_tokenizer_on_the_examples(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"number {i} " * 5}) + "\n" for i in range(30)))
+    data_cfg = DataConfig(source=str(path), tokenizer="bpe", val_fraction=0.1)
+    train, val, tokenizer = prepare_dataset("sft", data_cfg, ModelConfig(vocab_size=300, max_seq_len=48), tmp_path / "sft", seed=0)
+    assert (train.num_samples, val.num_samples) == (27, 3)
+    assert tokenizer.vocab_size == 300 and (tmp_path / "sft" / "tokenizer.json").is_file()
+
+
+def test_tokenizer_bigger_than_the_model_vocab_is_a_user_error(bpe, tmp_path):
+    with pytest.raises(UserError, match="model.vocab_size=300"):
+        prepare_dataset("pretrain", DataConfig(), ModelConfig(vocab_size=300), tmp_path, seed=0, tokenizer=bpe)
