@@ -162,7 +162,7 @@ def _check_llama(rank: int, world_size: int, tie_embeddings: bool) -> None:
     assert local_logits.shape == (2, 16, 96 // tp)
     loss = tp_loss_fn(groups.tp_group)(local_logits, targets)
     loss.backward()
-    assert_close(loss, loss_ref, "loss")
+    assert_close(loss, loss_ref, "loss", atol=1e-5)  # fp32 sums over 96 logits in a different order
 
     dense_grads = {name: p.grad for name, p in dense.named_parameters()}
     grads = _gathered_grads(parallel, groups.tp_group, tp)
@@ -212,7 +212,7 @@ def test_plan_names_every_split_weight():
     [
         (dict(n_kv_head=2), 4, ["parallel.tp=4", "model.n_head=4", "model.n_kv_head=2"]),
         (dict(n_head=2, n_kv_head=None), 4, ["parallel.tp=4", "model.n_head=2"]),
-        (dict(vocab_size=98), 4, ["parallel.tp=4", "model.vocab_size=98"]),
+        (dict(vocab_size=97), 2, ["parallel.tp=2", "model.vocab_size=97"]),
         (dict(n_head=8, n_kv_head=8, ffn_hidden=100), 8, ["parallel.tp=8", "model.ffn_hidden"]),
     ],
 )

@@ -47,7 +47,6 @@ class ParallelConfig:
     micro_batch_size: int = _f(4, "Sequences per rank per forward pass.")
     pipeline_microbatches: Optional[int] = _f(None, "Micro-batches per pipeline step; null means gradient accumulation steps.")
     activation_checkpointing: bool = _f(False, "Recompute each block's activations in the backward pass.")
-    sequence_parallel: bool = _f(False, "Split norm/dropout activations along the sequence across tensor-parallel ranks.")
 
 
 @dataclass

@@ -69,6 +69,11 @@ def validate_parallel(run: RunConfig) -> None:
         raise UserError(
             f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_kv_head={kv}; choose tp among {_divisors(kv)}"
         )
+    from raylm.models.llama import ffn_hidden_size
+
+    ffn = ffn_hidden_size(m)
+    if ffn % p.tp:
+        raise UserError(f"parallel.tp={p.tp} must divide the SwiGLU width {ffn} (model.ffn_hidden / model.multiple_of); change one of them")
     if m.vocab_size % p.tp:
         raise UserError(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}; round the vocabulary up to a multiple of {p.tp}")
     if p.pp > m.n_layer:

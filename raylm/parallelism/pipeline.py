@@ -82,7 +82,7 @@ def pipeline_specs(model: nn.Module, tied: bool) -> List:
     """Layer specs of the model: [embedding, block_0 .. block_{L-1}, norm, head]."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    cos, sin = model.rope(0, model.cos.size(0)) if hasattr(model, "cos") else model.rope(0, _max_len(model))
+    cos, sin = model.rope(0, model.cfg.max_seq_len)
     blocks = [LayerSpec(BlockPipe, block, cos, sin) for block in model.layers]
     if tied:
         return [
@@ -92,10 +92,6 @@ def pipeline_specs(model: nn.Module, tied: bool) -> List:
             TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, forward_fn=_head, tied_weight_attr="embedding.weight"),
         ]
     return [LayerSpec(EmbeddingPipe, model.tok_embeddings), *blocks, LayerSpec(NormPipe, model.norm), LayerSpec(HeadPipe, model.output)]
-
-
-def _max_len(model: nn.Module) -> int:
-    return model.cfg.max_seq_len
 
 
 def build_pipeline(
