@@ -40,6 +40,7 @@ def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, l
     if address is None:
         os.environ[_LOOPBACK_ENV] = "0"
         ray.init(
+            address="local",  # never attach to some other cluster found on this machine
             num_cpus=local_cpus or os.cpu_count(),
             include_dashboard=False,
             log_to_driver=log_to_driver,

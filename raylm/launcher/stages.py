@@ -69,8 +69,8 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
 def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) -> dict:
     """Run every unfinished stage on a connected cluster; a finished stage is never re-run."""
     started = time.time()
-    where = "embedded local Ray cluster" if info.embedded else f"Ray cluster at {info.address}"
-    console.print(f"run [bold]{run.name}[/] in {run_dir} on a {where} ({info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs)")
+    where = "an embedded local Ray cluster" if info.embedded else f"the Ray cluster at {info.address}"
+    console.print(f"run [bold]{run.name}[/] in {run_dir} on {where} ({info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs)")
     (run_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
     stages: List[Dict] = []
     for index, stage in enumerate(run.stages):
