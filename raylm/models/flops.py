@@ -1,0 +1,36 @@
+"""Parameter and FLOP counts of a Llama from its config alone (no model is built)."""
+
+from __future__ import annotations
+
+from raylm.configs.schema import ModelConfig
+from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one block's projections: wq, wk, wv, wo and the SwiGLU w1, w3, w2."""
+    q_width = cfg.n_head * head_dim(cfg)
+    kv_width = kv_heads(cfg) * head_dim(cfg)
+    attention = cfg.d_model * q_width + 2 * cfg.d_model * kv_width + q_width * cfg.d_model
+    feed_forward = 3 * cfg.d_model * ffn_hidden_size(cfg)
+    return attention + feed_forward
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Every parameter of ``Llama(cfg)``, a tied embedding/head counted once."""
+    norms = (2 * cfg.n_layer + 1) * cfg.d_model
+    tables = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return cfg.n_layer * block_matmul_params(cfg) + norms + tables
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token, the PaLM / nanoGPT estimate ``6 N + 12 L d T``.
+
+    N counts every matmul weight: the projections of all blocks plus the
+    output head (vocab_size x d_model, counted even when tied to the
+    embedding, because the head's matmul runs either way). It leaves out the
+    embedding lookup and the norms, which do no matmul. ``12 L d T`` is the
+    attention score and value products (QK^T and AV) over a context of T =
+    ``seq_len`` tokens, with L = n_layer and d = d_model.
+    """
+    matmul_params = cfg.n_layer * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+    return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
