@@ -65,3 +65,24 @@ def launch_in_process(tmp_path: Path, name: str, overrides: List[str], source: s
     run_dir = rundir.create(run, name)
     run_all(run_dir, run, ray_info(), Console(quiet=True))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def single_worker(ray_cluster, tmp_path_factory) -> Path:
+    """The reference every layout must reproduce: one worker, no sharding."""
+    return launch_in_process(tmp_path_factory.mktemp("single"), "single", [*TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0"])
+
+
+def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
+    """Same 5 losses (1e-4 relative) and same consolidated final weights (1e-5)."""
+    from safetensors.torch import load_file
+
+    expected, got = losses(reference), losses(run_dir)
+    assert len(got) == len(expected) == 5
+    for step, (a, b) in enumerate(zip(expected, got), start=1):
+        assert abs(a - b) <= 1e-4 * abs(a), f"step {step}: 1 worker {a} vs {label} {b}"
+    ref_weights = load_file(str(reference / "pretrain" / "final" / "model.safetensors"))
+    weights = load_file(str(run_dir / "pretrain" / "final" / "model.safetensors"))
+    assert ref_weights.keys() == weights.keys()
+    for name in ref_weights:
+        assert (ref_weights[name] - weights[name]).abs().max().item() < 1e-5, f"{label}: {name}"

@@ -24,9 +24,23 @@ def _log_to_file(stage_dir: Path) -> None:
     os.dup2(handle.fileno(), 2)
 
 
+def _check_placement(tp: int, pp: int) -> None:
+    """Every rank learns every rank's node; a TP group across nodes stops the stage."""
+    import ray
+    import torch.distributed as dist
+
+    from raylm.cluster.placement import check_tp_placement
+    from raylm.parallelism.topology import Topology
+
+    node_of_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(node_of_rank, ray.get_runtime_context().get_node_id())
+    check_tp_placement(node_of_rank, Topology.for_world(tp, pp, dist.get_world_size()).all_tp_groups())
+
+
 def train_loop_per_worker(config: dict) -> None:
     from raylm.launcher.worker import train_stage
 
     run_dir = Path(config["run_dir"])
     _log_to_file(run_dir / config["stage_name"])
+    _check_placement(config["tp"], config["pp"])
     train_stage(run_dir, config["stage_index"], lambda stage_dir, _cfg: RaySession(stage_dir))

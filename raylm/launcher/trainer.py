@@ -19,7 +19,13 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": str(run_dir), "stage_index": stage_index, "stage_name": stage.name},
+        train_loop_config={
+            "run_dir": str(run_dir),
+            "stage_index": stage_index,
+            "stage_name": stage.name,
+            "tp": stage_cfg.parallel.tp,
+            "pp": stage_cfg.parallel.pp,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(stage_cfg.fault.hang_timeout_s)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="PACK"),
         run_config=RayRunConfig(

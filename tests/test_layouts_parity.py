@@ -1,0 +1,29 @@
+"""Every 3D layout on 4 Ray workers trains the same model as one worker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_PRETRAIN, assert_same_training, launch_in_process
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = {
+    "tp2-dp2-zero2": ["parallel.tp=2", "parallel.zero_stage=2"],
+    "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
+    "pp2-dp2-zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
+    "tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
+    "dp4-zero3": ["parallel.zero_stage=3"],
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_one_worker(single_worker, tmp_path, name):
+    run_dir = launch_in_process(tmp_path, name, [*TINY_PRETRAIN, "cluster.num_workers=4", *LAYOUTS[name]])
+    assert_same_training(single_worker, run_dir, name)
+    layout = json.loads((run_dir / "summary.json").read_text())["stages"][0]["layout"]
+    tp = 2 if "tp2" in name else 1
+    pp = 2 if "pp2" in name else 1
+    assert layout["tp"] == tp and layout["pp"] == pp and layout["dp"] == 4 // (tp * pp)
