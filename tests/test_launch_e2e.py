@@ -20,7 +20,7 @@ def default_run(tmp_path_factory) -> Path:
         [
             sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "e2e",
             "train.max_steps=12", "train.eval_every=6", "train.ckpt_every=6", "stages.1.train.max_steps=6",
-            "stages.1.cluster.num_workers=1", "model.vocab_size=1024",
+            "stages.1.cluster.num_workers=1", "stages.1.train.log_every=1", "model.vocab_size=1024",
         ],
         cwd=cwd, capture_output=True, text=True, timeout=900,
     )
@@ -48,6 +48,8 @@ def test_metrics_and_summary(default_run):
     records = _records(default_run)
     train = [r for r in records if r["stage"] == "pretrain" and r["kind"] == "train"]
     assert [r["step"] for r in train] == [5, 10, 12]
+    sft_steps = [r["step"] for r in records if r["stage"] == "sft" and r["kind"] == "train"]
+    assert sft_steps == [1, 2, 3, 4, 5, 6]
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gb"} <= set(r) for r in train)
     assert train[-1]["loss"] < train[0]["loss"]
     assert any(r["kind"] == "eval" and r["stage"] == "pretrain" for r in records)
@@ -74,3 +76,63 @@ def test_launch_refuses_an_existing_run_name(default_run):
     )
     assert result.returncode == 2
     assert "already exists" in result.stderr and "raylm resume" in result.stderr
+
+
+def test_sft_starts_from_exactly_the_pretrained_weights(default_run):
+    """The first sft loss (before any update) equals an offline computation on pretrain's final weights."""
+    import torch
+
+    from raylm.configs.loader import resolve_stage
+    from raylm.data import prepare_dataset
+    from raylm.data.sampler import SampleOrder
+    from raylm.launcher.inference import load_stage
+    from raylm.models.loss import cross_entropy_loss
+
+    pretrain = load_stage(default_run, "pretrain")
+    cfg = resolve_stage(pretrain.run, 1)
+    train, _, _ = prepare_dataset("sft", cfg.data, cfg.model, default_run / "data" / "sft", cfg.train.seed, tokenizer=pretrain.tokenizer)
+    order = SampleOrder(train.num_samples, cfg.train.seed)
+    micro, accum = cfg.parallel.micro_batch_size, cfg.train.global_batch_size // cfg.parallel.micro_batch_size
+    with torch.no_grad():
+        micro_losses = []
+        for step in range(accum):
+            inputs, targets = train.batch(order.micro_batch_indices(0, cfg.train.global_batch_size, 0, 1, micro, step))
+            micro_losses.append(cross_entropy_loss(pretrain.model(torch.from_numpy(inputs)), torch.from_numpy(targets)).item())
+    offline = sum(micro_losses) / accum
+    first = next(r for r in _records(default_run) if r["stage"] == "sft" and r["kind"] == "train")
+    assert first["step"] == 1
+    assert abs(first["loss"] - offline) <= 1e-5 * offline
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_generate_eval_and_export_from_the_cli(default_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm.launcher.inference import load_stage
+
+    generated = _cli("generate", str(default_run), "--prompt", "What is a lambda?", "--max-new-tokens", "8", "--temperature", "0", cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.strip()
+
+    evaluated = _cli("eval", str(default_run), "--stage", "pretrain", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert result["stage"] == "pretrain" and result["perplexity"] > 1
+
+    out = tmp_path / "hf"
+    exported = _cli("export", str(default_run), "--format", "hf", "--out", str(out), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    sft = load_stage(default_run)
+    text = "Explain the Python topic 'lambda'."
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == sft.tokenizer.encode(text)
+    tokens = torch.tensor([sft.tokenizer.encode(text)])
+    with torch.no_grad():
+        assert (hf_model(tokens).logits - sft.model(tokens)).abs().max().item() < 1e-4
+    again = _cli("export", str(default_run), "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -159,6 +159,60 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.inference import generate_text, load_stage
+
+    stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    prompts = [args.prompt] if args.prompt is not None else []
+    if not prompts and not args.interactive:
+        raise UserError("give --prompt TEXT or --interactive")
+    if args.interactive:
+        print(f"[{stage.name} ({stage.kind}) from {stage.final_dir}; an empty line or Ctrl-D ends]", file=sys.stderr)
+    while True:
+        if not prompts:
+            if not args.interactive:
+                return 0
+            try:
+                line = input("> ")
+            except EOFError:
+                return 0
+            if not line.strip():
+                return 0
+            prompts.append(line)
+        prompt = prompts.pop(0)
+        if stage.kind != "sft":
+            sys.stdout.write(prompt)
+        for piece in generate_text(stage, prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.inference import evaluate, load_stage
+
+    run_dir = rundir.locate(args.run, args.runs_dir)
+    stage = load_stage(run_dir, args.stage)
+    result = evaluate(stage, run_dir, args.data, args.max_batches)
+    print(json.dumps({"stage": stage.name, **result}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.inference import export_hf, load_stage
+
+    stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
+    out = export_hf(stage, Path(args.out))
+    print(f"exported {stage.name} as a Hugging Face Llama to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raylm", description="Pretrain and fine-tune Llama-style models on Ray + DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", help="GPU memory to check against, e.g. 80GB")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     plan.set_defaults(func=cmd_plan)
+
+    generate = sub.add_parser("generate", help="sample from a finished stage (sft stages use the chat template)")
+    generate.add_argument("run")
+    generate.add_argument("--prompt")
+    generate.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
+    generate.add_argument("--stage", help="default: the last finished stage")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=40)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--runs-dir", default="runs")
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser("eval", help="held-out loss and perplexity of a finished stage")
+    evaluate.add_argument("run")
+    evaluate.add_argument("--stage", help="default: the last finished stage")
+    evaluate.add_argument("--data", help="a corpus (pretrain) or JSONL (sft) to evaluate on instead of the held-out split")
+    evaluate.add_argument("--max-batches", type=int, default=50)
+    evaluate.add_argument("--runs-dir", default="runs")
+    evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write a finished stage in another format")
+    export.add_argument("run")
+    export.add_argument("--format", choices=("hf",), default="hf")
+    export.add_argument("--out", required=True)
+    export.add_argument("--stage", help="default: the last finished stage")
+    export.add_argument("--runs-dir", default="runs")
+    export.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", help="inspect configs without running anything")
     config_sub = config.add_subparsers(dest="config_command", required=True)

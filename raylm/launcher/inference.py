@@ -1,0 +1,136 @@
+"""Using a finished stage outside training: generate, evaluate, export.
+
+Single-process and Ray-free: everything reads a stage's ``final/`` directory
+(consolidated safetensors + tokenizer), so it works on any machine that can
+see the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from raylm.configs.loader import resolve_stage
+from raylm.configs.schema import ModelConfig, RunConfig
+from raylm.data import prepare_dataset
+from raylm.data.tokenizer import Tokenizer
+from raylm.errors import UserError
+from raylm.launcher import run_dir as rundir
+from raylm.launcher.sample import prompt_for
+from raylm.models.generate import stream
+from raylm.models.llama import Llama
+from raylm.models.loss import cross_entropy_loss
+from raylm.models.weights import load_consolidated
+
+
+@dataclass
+class FinishedStage:
+    run: RunConfig
+    name: str
+    kind: str
+    index: int
+    final_dir: Path
+    model_cfg: ModelConfig
+    model: Llama
+    tokenizer: Tokenizer
+
+
+def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
+    """The given stage's (default: the last finished stage's) model and tokenizer."""
+    run = rundir.load(run_dir)
+    final_dir = rundir.latest_final(run_dir, run, stage)
+    name = final_dir.parent.name
+    index = [s.name for s in run.stages].index(name)
+    cfg, state = load_consolidated(final_dir)
+    model = Llama(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    return FinishedStage(run, name, run.stages[index].kind, index, final_dir, cfg, model, Tokenizer.load(final_dir))
+
+
+def generate_text(
+    stage: FinishedStage,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    seed: int,
+) -> Iterator[str]:
+    """Yield decoded text pieces as tokens arrive; sft stages use the chat template."""
+    tok = stage.tokenizer
+    text = prompt_for(stage.kind, prompt) if stage.kind == "sft" else prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise UserError("--prompt is empty; give some text to continue")
+    stop = tok.end_id if stage.kind == "sft" else tok.eos_id
+    generator = torch.Generator().manual_seed(seed)
+    produced: list = []
+    shown = ""
+    with torch.no_grad():
+        for token in stream(stage.model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_id=stop, generator=generator):
+            if token == stop:
+                break
+            produced.append(token)
+            decoded = tok.decode(produced)
+            # A byte-level token can end inside a UTF-8 character; wait for the rest.
+            if not decoded.endswith("\ufffd"):
+                yield decoded[len(shown):]
+                shown = decoded
+
+
+def evaluate(stage: FinishedStage, run_dir: Path, data: Optional[str], max_batches: int, batch_size: int = 8) -> dict:
+    """Mean held-out loss and perplexity (responses only for sft data)."""
+    cfg = resolve_stage(stage.run, stage.index)
+    if data is None:
+        _, val, _ = prepare_dataset(stage.kind, cfg.data, stage.model_cfg, run_dir / "data" / stage.name, cfg.train.seed, tokenizer=stage.tokenizer)
+        return _mean_loss(stage.model, val, max_batches, batch_size, f"the held-out split of {stage.name}")
+    if not Path(data).exists():
+        raise UserError(f"--data {data}: no such file or directory")
+    data_cfg = replace(cfg.data, source=data)
+    with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
+        train, val, _ = prepare_dataset(stage.kind, data_cfg, stage.model_cfg, Path(scratch), cfg.train.seed, tokenizer=stage.tokenizer)
+        return _mean_loss(stage.model, _Concat(train, val), max_batches, batch_size, data)
+
+
+class _Concat:
+    """All rows of a user-given file: its 'train' and 'held-out' parts together."""
+
+    def __init__(self, first, second):
+        self.parts = (first, second)
+        self.num_samples = first.num_samples + second.num_samples
+
+    def batch(self, indices):
+        rows = [self.parts[0].batch([i]) if i < self.parts[0].num_samples else self.parts[1].batch([i - self.parts[0].num_samples]) for i in indices]
+        return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
+def _mean_loss(model: Llama, reader, max_batches: int, batch_size: int, what: str) -> dict:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, min(reader.num_samples, max_batches * batch_size), batch_size):
+            indices = list(range(start, min(start + batch_size, reader.num_samples)))
+            inputs, targets = reader.batch(indices)
+            loss = cross_entropy_loss(model(torch.from_numpy(inputs)), torch.from_numpy(targets))
+            total += loss.item() * len(indices)
+            count += len(indices)
+    if count == 0:
+        raise UserError(f"{what} has no sequences to evaluate")
+    loss = total / count
+    return {"data": what, "sequences": count, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def export_hf(stage: FinishedStage, out: Path) -> Path:
+    from raylm.models.hf import save_hf
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
+    return save_hf(stage.model.state_dict(), stage.model_cfg, out, tokenizer_json_path=stage.final_dir / "tokenizer.json")
+
