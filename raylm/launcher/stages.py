@@ -19,6 +19,7 @@ from raylm.launcher import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
+from raylm.launcher.worker import check_init_weights, initial_weights
 from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
 
 
@@ -39,6 +40,9 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     cfg = resolve_stage(run, index)
     use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
     check_capacity(cfg.cluster.min_workers or cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, use_gpu, info)
+    init_path = initial_weights(run_dir, run, index)
+    if init_path is not None:
+        check_init_weights(cfg, init_path)
     with console.status(f"[{stage.name}] preparing tokenizer and data from {cfg.data.source}"):
         data = prepare_stage_data(run_dir, run, index)
     console.print(

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
-from raylm.configs.schema import RunConfig, StageConfig
+from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
 from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
@@ -35,8 +35,8 @@ from raylm.launcher.session import Session
 from raylm.launcher.sample import sample_text
 from raylm.launcher.stage_data import load_stage_data
 from raylm.models.flops import flops_per_token
-from raylm.models.llama import Llama
-from raylm.models.weights import load_any, save_consolidated
+from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
+from raylm.models.weights import load_any, model_config_of, save_consolidated
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
@@ -104,7 +104,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
+def initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
     """The consolidated weights stage ``index`` starts from, if any."""
     stage = run.stages[index]
     if stage.init_from:
@@ -114,15 +114,29 @@ def _initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path
     return None
 
 
+def _shape(cfg: ModelConfig) -> Dict[str, object]:
+    """What the weights' shapes and meaning depend on (not the context length)."""
+    return {
+        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "n_kv_head": kv_heads(cfg), "ffn_hidden": ffn_hidden_size(cfg), "tie_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta, "norm_eps": cfg.norm_eps,
+    }
+
+
+def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
+    """Refuse weights whose shape differs from ``cfg.model`` (reads only their config)."""
+    theirs, ours = _shape(model_config_of(init_path)), _shape(cfg.model)
+    differing = [f"model.{k}={ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k]]
+    if differing:
+        raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")
+
+
 def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
     if init_path is not None:
-        init_cfg, state = load_any(init_path)
-        if asdict(init_cfg) != asdict(cfg.model):
-            differing = [k for k, v in asdict(cfg.model).items() if asdict(init_cfg)[k] != v]
-            raise UserError(f"weights in {init_path} do not match this config's model section (differs in: {', '.join(differing)}); make model.* match them")
-        model.load_state_dict(state)
+        check_init_weights(cfg, init_path)
+        model.load_state_dict(load_any(init_path)[1])
     return model
 
 
@@ -141,7 +155,7 @@ class StageTrainer:
         self.bf16 = _use_bf16(self.cfg, self.ctx.device)
 
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
-        dense = build_dense_model(self.cfg, _initial_weights(run_dir, self.run, stage_index))
+        dense = build_dense_model(self.cfg, initial_weights(run_dir, self.run, stage_index))
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)

@@ -37,12 +37,27 @@ def is_raylm_dir(path: Path) -> bool:
         return False
 
 
+def _raylm_model_config(path: Path) -> ModelConfig:
+    raw = json.loads((path / CONFIG).read_text())["model"]
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def model_config_of(path: Path) -> ModelConfig:
+    """The model shape stored with weights (raylm final/ or Hugging Face), without loading them."""
+    if is_raylm_dir(path):
+        return _raylm_model_config(path)
+    from raylm.models.hf import model_config_from_hf
+
+    if not (path / CONFIG).is_file():
+        raise UserError(f"{path} has no {CONFIG}; point at a raylm final/ or Hugging Face Llama directory")
+    return model_config_from_hf(json.loads((path / CONFIG).read_text()), source=str(path / CONFIG))
+
+
 def load_consolidated(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; point at a stage's final/ directory")
-    raw = json.loads((path / CONFIG).read_text())["model"]
-    known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    cfg = _raylm_model_config(path)
     state = load_file(str(path / WEIGHTS))
     if cfg.tie_embeddings:
         state[TIED_HEAD] = state["tok_embeddings.weight"]
