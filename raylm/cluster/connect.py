@@ -28,6 +28,8 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray Train would also copy every print of a worker into its logger: each line twice in the rank logs.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, log_to_driver: bool = False) -> ClusterInfo:

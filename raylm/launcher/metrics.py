@@ -11,11 +11,22 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from raylm.configs.schema import WandbConfig
 
 WANDB_ID_FILE = "wandb_id"
+
+
+def read_records(path: Path) -> List[Dict[str, Any]]:
+    """Every complete record of a metrics file (a torn last line is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 class MetricsFile:

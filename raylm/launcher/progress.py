@@ -84,6 +84,10 @@ class StageProgress:
             self._progress.update(self._task, completed=step, status=status)
         elif kind == "eval":
             self.console.print(f"  [{self.stage}] step {step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+        elif kind == "event" and record.get("event") == "restart":
+            self.console.print(
+                f"  [yellow]restart[/]: {self.stage} resumes at step {step} ({record['steps_lost']} logged step(s) to redo)"
+            )
         elif kind == "event" and record.get("event") == "skipped_checkpoint":
             self.console.print(f"  [yellow]warning[/]: skipped incomplete checkpoint {record['path']} ({record['reason']})")
         elif kind == "end":

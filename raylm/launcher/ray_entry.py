@@ -12,6 +12,7 @@ from raylm.launcher.ray_session import RaySession
 
 def _log_to_file(stage_dir: Path) -> None:
     """Send this rank's stdout/stderr (DeepSpeed's and ours) to runs/<name>/<stage>/logs/."""
+    import ray
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
@@ -22,6 +23,8 @@ def _log_to_file(stage_dir: Path) -> None:
     sys.stderr.flush()
     os.dup2(handle.fileno(), 1)
     os.dup2(handle.fileno(), 2)
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[raylm] rank {rank} pid {os.getpid()} node {node}", flush=True)
 
 
 def _check_placement(tp: int, pp: int) -> None:

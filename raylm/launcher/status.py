@@ -11,6 +11,7 @@ from typing import List, Optional
 from raylm.launcher import run_dir as rundir
 from raylm.launcher.checkpoint import read_state, step_dirs, verify
 from raylm.launcher.layout import CONFIG_FILE, DRIVER_FILE, METRICS_FILE
+from raylm.launcher.metrics import read_records
 
 
 @dataclass
@@ -26,15 +27,7 @@ class StageStatus:
 
 def _records(run_dir: Path) -> List[dict]:
     path = run_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    return read_records(path) if path.exists() else []
 
 
 def driver_alive(run_dir: Path) -> bool:
@@ -58,7 +51,7 @@ def run_status(run_dir: Path) -> List[StageStatus]:
     for index, stage in enumerate(run.stages):
         mine = [r for r in records if r.get("stage") == stage.name]
         steps = [r.get("step", 0) for r in mine if r.get("kind") in ("train", "end", "start")]
-        starts = [r for r in mine if r.get("kind") == "start"]
+        restarts = [r for r in mine if r.get("event") == "restart"]
         complete = next((p for p in step_dirs(run_dir / stage.name) if verify(p, check_hashes=False) is None), None)
         if rundir.stage_finished(run_dir, stage.name):
             state = "finished"
@@ -74,7 +67,7 @@ def run_status(run_dir: Path) -> List[StageStatus]:
                 step=max(steps, default=0),
                 max_steps=resolve_stage(run, index).train.max_steps,
                 last_checkpoint=f"{complete.name} (step {read_state(complete).step})" if complete else None,
-                restarts=max(0, len(starts) - 1),
+                restarts=len(restarts),
             )
         )
     return out

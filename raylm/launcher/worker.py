@@ -28,12 +28,13 @@ from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
 from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
-from raylm.launcher.metrics import MetricsFile, WandbRun
+from raylm.launcher.metrics import MetricsFile, WandbRun, read_records
 from raylm.launcher.mfu import measure_matmul_peak, mfu
 from raylm.launcher.schedule import lr_factor
 from raylm.launcher.session import Session
 from raylm.launcher.sample import sample_text
 from raylm.launcher.stage_data import load_stage_data
+from raylm.launcher.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
 from raylm.models.weights import load_any, model_config_of, save_consolidated
@@ -165,6 +166,7 @@ class StageTrainer:
         self.seq_len = self.cfg.model.max_seq_len
         self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
 
+        self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         self.metrics = MetricsFile(run_dir / METRICS_FILE) if self.is_logger else None
         self.wandb = (
             WandbRun(self.cfg.logging.wandb, run_dir, self.run.name or run_dir.name, self.stage.name, dump_nested(self.cfg))
@@ -234,6 +236,18 @@ class StageTrainer:
         self.state = saved
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
 
+    def _log_restart(self, resumed_step: int) -> None:
+        """After a failure: which step the stage restarts from and how many steps were lost."""
+        if self.metrics is None or not self.metrics.path.exists():
+            return
+        earlier = [r for r in read_records(self.metrics.path) if r.get("stage") == self.stage.name]
+        if not any(r.get("kind") == "start" for r in earlier):
+            return
+        reached = max((r["step"] for r in earlier if r.get("kind") == "train"), default=resumed_step)
+        lost = max(0, reached - resumed_step)
+        self.log({"step": resumed_step, "kind": "event", "event": "restart", "last_logged_step": reached, "steps_lost": lost})
+        print(f"[raylm] restart of stage {self.stage.name}: resuming at step {resumed_step}, {lost} logged step(s) to redo", flush=True)
+
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
         staging = self.session.staging_dir(self.state.step)
@@ -267,10 +281,12 @@ class StageTrainer:
             indices = self.data.order.micro_batch_indices(
                 self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.micro_batch, accum_step
             )
+            self.watchdog.beat()
             yield self._micro_batch(self.data.train, indices)
 
     def _eval_micro_batches(self):
         for indices in eval_indices(self.data.val.num_samples, self.cfg.train.eval_batches, self.dp_rank, self.dp_size, self.micro_batch):
+            self.watchdog.beat()
             yield self._micro_batch(self.data.val, indices)
 
     def train_step(self) -> float:
@@ -315,12 +331,17 @@ class StageTrainer:
         return self.state.step == self.cfg.train.max_steps or (every > 0 and self.state.step % every == 0)
 
     def run_loop(self) -> Dict:
+        with self.watchdog:
+            return self._run_loop()
+
+    def _run_loop(self) -> Dict:
         t = self.cfg.train
         peak = (self.cfg.logging.mfu_peak_tflops or 0) * 1e12 or measure_matmul_peak(
             self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32
         )
         self.resume()
         start_step = self.state.step
+        self._log_restart(start_step)
         self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
                   "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage})
         last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
@@ -353,12 +374,15 @@ class StageTrainer:
                 self.log({"step": self.state.step, "kind": "eval", "eval_loss": last["eval_loss"],
                           "eval_ppl": math.exp(min(last["eval_loss"], 50.0)), "tokens": self.state.tokens_seen})
             if self._due(t.ckpt_every):
+                self.watchdog.beat()
                 self.checkpoint({"loss": loss})
+                self.watchdog.beat()
         if start_step == t.max_steps and self.state.step == t.max_steps:
             last["eval_loss"] = self.evaluate()
         return self.finish(last, train_tokens / train_time if train_time else last["tokens_per_s"], peak)
 
     def finish(self, last: Dict, tokens_per_s: float, peak: float) -> Dict:
+        self.watchdog.beat()
         full_state = self.par.consolidated_state_dict(self.engine)
         summary: Dict = {}
         if self.ctx.rank == 0:

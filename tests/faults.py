@@ -1,0 +1,61 @@
+"""Helpers that inject real failures into running stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+
+def worker_pids(stage_dir: Path) -> List[int]:
+    """Pids of the stage's current workers, from the headers of their rank logs (latest start)."""
+    pids = []
+    for log in sorted((stage_dir / "logs").glob("rank_*.log")):
+        found = re.findall(r"\[raylm\] rank \d+ pid (\d+)", log.read_text(errors="replace"))
+        if found:
+            pids.append(int(found[-1]))
+    return pids
+
+
+def latest_step(run_dir: Path, stage: str = "pretrain") -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("stage") == stage and record.get("kind") == "train":
+            steps.append(record["step"])
+    return max(steps, default=0)
+
+
+def when_step_reached(run_dir: Path, step: int, action: Callable[[], None], timeout: float = 600) -> threading.Thread:
+    """Run ``action`` once the stage has logged ``step`` (in a background thread)."""
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if latest_step(run_dir) >= step:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def signal_worker(stage_dir: Path, sig: int, rank: int = 1) -> Optional[int]:
+    pids = worker_pids(stage_dir)
+    if len(pids) <= rank:
+        return None
+    os.kill(pids[rank], sig)
+    return pids[rank]
+
