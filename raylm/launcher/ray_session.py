@@ -28,9 +28,11 @@ class RaySession:
         self.stage_dir = stage_dir
 
     def resume_candidates(self) -> List[Path]:
+        """Newest step first: Ray's latest registered checkpoint can be older than a complete
+        one written after the driver died (its controller never registered it)."""
         latest = ray.train.get_checkpoint()
         latest_path = Path(latest.path) if latest is not None else None
-        return newest_first_unique([latest_path, *step_dirs(self.stage_dir)])
+        return newest_first_unique([*step_dirs(self.stage_dir), latest_path])
 
     def staging_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))

@@ -66,6 +66,7 @@ class LocalSession:
 
 
 def newest_first_unique(paths: List[Optional[Path]]) -> List[Path]:
+    """``paths`` without Nones and repeats, in the given (newest-first) order."""
     seen, out = set(), []
     for path in paths:
         if path is not None and path.resolve() not in seen:
