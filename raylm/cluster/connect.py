@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,6 +51,9 @@ def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, l
             configure_logging=True,
         )
         return describe(embedded=True)
+    if _is_loopback(address):
+        os.environ[_LOOPBACK_ENV] = "0"
+    _probe(address)
     try:
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -59,6 +63,36 @@ def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, l
             "or leave the address out to run on an embedded local cluster"
         ) from None
     return describe(embedded=False)
+
+
+def _host_port(address: str) -> Optional[tuple]:
+    """(host, port) of a 'host:port' or 'ray://host:port' address; None for 'auto'."""
+    bare = address.split("://", 1)[-1]
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(address: str) -> bool:
+    target = _host_port(address)
+    return target is not None and (target[0] in ("localhost", "::1") or target[0].startswith("127."))
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: Ray itself retries an unreachable GCS for a long time."""
+    target = _host_port(address)
+    if target is None:
+        if address != "auto":
+            raise UserError(f"cluster.address={address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+        return
+    try:
+        socket.create_connection(target, timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(
+            f"cannot connect to the Ray cluster at cluster.address={address!r} ({err.strerror or err}); start it with "
+            "'ray start --head' or leave the address out to run on an embedded local cluster"
+        ) from None
 
 
 def describe(embedded: bool) -> ClusterInfo:

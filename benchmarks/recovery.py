@@ -1,0 +1,124 @@
+"""Recovery after a killed worker, and checkpoint save throughput, in one run.
+
+1. Start a run from scratch and time launch -> first training step (the
+   baseline a restart is compared with).
+2. SIGKILL one worker mid-run; time kill -> first step after the restart, and
+   count the logged steps that had to be redone (work lost).
+3. Checkpoint save throughput (bytes of a complete checkpoint / seconds its
+   save took, from the run's own ``checkpoint`` events) against the raw
+   sequential write speed of the same disk (a file of the same size written and
+   fsynced in this process).
+
+    .venv/bin/python benchmarks/recovery.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from faults import latest_step, signal_worker  # noqa: E402  (the tests' failure injectors)
+
+MODEL = ["model.d_model=256", "model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.max_seq_len=256", "model.vocab_size=2048"]
+RUN = [
+    *MODEL,
+    "stages=[{name: pretrain, kind: pretrain}]",
+    "train.max_steps=40",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.ckpt_every=10",
+    "train.sample_tokens=0",
+    "fault.max_failures=2",
+    "cluster.num_workers=2",
+    "logging.wandb.mode=disabled",
+    "logging.progress=false",
+]
+
+
+def records(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def raw_write_speed(directory: Path, size: int) -> float:
+    block = os.urandom(1 << 20)
+    path = directory / "raw-write-probe.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        written = 0
+        while written < size:
+            handle.write(block)
+            written += len(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return written / elapsed
+
+
+def main() -> None:
+    import threading
+
+    from rich.console import Console
+
+    from raylm.cluster.connect import start_or_connect
+    from raylm.configs.loader import load_config
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.stages import run_all
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="raylm-recovery-"))
+    info = start_or_connect(None)
+
+    run = load_config("tiny", [f"runs_dir={root}", "name=recovery", *RUN])
+    run_dir = rundir.create(run, "recovery")
+    killed: dict = {}
+
+    def kill_mid_run() -> None:
+        while latest_step(run_dir) < 25:
+            time.sleep(0.02)
+        killed["time"] = time.time()
+        killed["step"] = latest_step(run_dir)
+        signal_worker(run_dir / "pretrain", signal.SIGKILL)
+
+    threading.Thread(target=kill_mid_run, daemon=True).start()
+    launched = time.time()
+    run_all(run_dir, run, info, Console(quiet=True))
+
+    recs = [r for r in records(run_dir) if r.get("stage") == "pretrain"]
+    first_step = next(r["time"] for r in recs if r["kind"] == "train")
+    restart = next(r for r in recs if r.get("event") == "restart")
+    first_after = next(r["time"] for r in recs if r["kind"] == "train" and r["time"] > restart["time"])
+    saves = [r for r in recs if r.get("event") == "checkpoint"]
+    save_bytes = sum(r["bytes"] for r in saves)
+    save_seconds = sum(r["seconds"] for r in saves)
+    raw = raw_write_speed(run_dir, max(save_bytes // len(saves), 1 << 20))
+    result = {
+        "start_to_first_step_s": first_step - launched,
+        "kill_to_first_step_after_restart_s": first_after - killed["time"],
+        "recovery_over_cold_start": (first_after - killed["time"]) / (first_step - launched),
+        "killed_at_step": killed["step"],
+        "resumed_at_step": restart["step"],
+        "steps_lost": restart["steps_lost"],
+        "checkpoint_mb": save_bytes / len(saves) / 1e6,
+        "checkpoint_save_mb_per_s": save_bytes / save_seconds / 1e6,
+        "raw_sequential_write_mb_per_s": raw / 1e6,
+        "save_over_raw_write": (save_bytes / save_seconds) / raw,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "recovery.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
