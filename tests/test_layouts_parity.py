@@ -15,7 +15,6 @@ LAYOUTS = {
     "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
     "pp2-dp2-zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
     "tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
-    "dp4-zero3": ["parallel.zero_stage=3"],
 }
 
 

@@ -250,6 +250,7 @@ class StageTrainer:
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
+        began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
         self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
         torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank:05d}.pt")
@@ -264,6 +265,8 @@ class StageTrainer:
             write_manifest(staging, self.state, files)
         dist.barrier()
         self.session.commit(self.state.step, staging, {"step": self.state.step, **metrics})
+        self.log({"step": self.state.step, "kind": "event", "event": "checkpoint", "seconds": time.perf_counter() - began,
+                  "bytes": sum(size for size, _ in files.values())})
 
     # ---------------------------------------------------------------- training
     def _micro_batch(self, reader, indices):
