@@ -35,13 +35,15 @@ def _quiet_env() -> None:
 
 def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, log_to_driver: bool = False) -> ClusterInfo:
     """``address`` None starts a local cluster bound to 127.0.0.1 without a dashboard."""
+    _quiet_env()
+    if address is None or _is_loopback(address):
+        # Read once, when Ray is first imported: set it before that.
+        os.environ[_LOOPBACK_ENV] = "0"
     import ray
 
-    _quiet_env()
     if ray.is_initialized():
         return describe(embedded=False)
     if address is None:
-        os.environ[_LOOPBACK_ENV] = "0"
         ray.init(
             address="local",  # never attach to some other cluster found on this machine
             num_cpus=local_cpus or os.cpu_count(),
@@ -51,8 +53,6 @@ def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, l
             configure_logging=True,
         )
         return describe(embedded=True)
-    if _is_loopback(address):
-        os.environ[_LOOPBACK_ENV] = "0"
     _probe(address)
     try:
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
