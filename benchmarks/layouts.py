@@ -15,21 +15,13 @@ reserves 1 Ray CPU of an embedded cluster declared with 4); the output says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-MODEL = [
-    "model.d_model=256",
-    "model.n_layer=4",
-    "model.n_head=8",
-    "model.n_kv_head=4",
-    "model.max_seq_len=256",
-    "model.vocab_size=2048",
-]
+from common import pretrain_overrides, run_on_ray, write_result
 
 WORKERS = 4
 
@@ -45,26 +37,6 @@ LAYOUTS = [
 BASELINE = "dp4 ZeRO-1"
 
 
-def overrides(steps: int, tp: int, pp: int, zero: int) -> list:
-    return [
-        *MODEL,
-        "stages=[{name: pretrain, kind: pretrain}]",
-        f"train.max_steps={steps}",
-        f"train.log_every={steps}",
-        "train.eval_every=0",
-        "train.ckpt_every=0",
-        "train.global_batch_size=16",
-        "train.sample_tokens=0",
-        "parallel.micro_batch_size=4",
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.zero_stage={zero}",
-        f"cluster.num_workers={WORKERS}",
-        "logging.wandb.mode=disabled",
-        "logging.progress=false",
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
@@ -72,12 +44,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these layout names (default: all)")
     args = parser.parse_args()
 
-    from rich.console import Console
-
     from raylm.cluster.connect import start_or_connect
-    from raylm.configs.loader import load_config
-    from raylm.launcher import run_dir as rundir
-    from raylm.launcher.stages import run_all
 
     cores = os.cpu_count() or 1
     oversubscribed = cores < WORKERS
@@ -88,10 +55,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         tag = name.replace(" ", "").replace("-", "").lower()
-        run = load_config("tiny", [f"runs_dir={root}", f"name={tag}", *overrides(args.steps, tp, pp, zero)])
-        run_dir = rundir.create(run, tag)
         began = time.perf_counter()
-        stage = run_all(run_dir, run, info, Console(quiet=True))["stages"][0]
+        stage = run_on_ray(root, tag, pretrain_overrides(args.steps, WORKERS, zero, tp, pp), info)["stages"][0]
         wall = time.perf_counter() - began
         train_s = stage["tokens"] / stage["tokens_per_s"] if stage["tokens_per_s"] else float("nan")
         rows.append({
@@ -125,9 +90,7 @@ def main() -> None:
         "steps": args.steps, "workers": WORKERS, "cores": cores, "oversubscribed": oversubscribed, "note": note,
         "machine": platform.processor() or platform.machine(), "layouts": rows,
     }
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "layouts.json").write_text(json.dumps(result, indent=2))
+    write_result(args.out, "layouts", result)
 
 
 if __name__ == "__main__":

@@ -20,47 +20,7 @@ from pathlib import Path
 
 import torch
 
-MODEL = [
-    "model.d_model=256",
-    "model.n_layer=4",
-    "model.n_head=8",
-    "model.n_kv_head=4",
-    "model.max_seq_len=256",
-    "model.vocab_size=2048",
-]
-
-
-def common(steps: int, workers: int, zero: int) -> list:
-    return [
-        *MODEL,
-        "stages=[{name: pretrain, kind: pretrain}]",
-        f"train.max_steps={steps}",
-        f"train.log_every={steps}",
-        "train.eval_every=0",
-        "train.ckpt_every=0",
-        "train.global_batch_size=16",
-        "train.sample_tokens=0",
-        "parallel.micro_batch_size=4",
-        f"parallel.zero_stage={zero}",
-        f"cluster.num_workers={workers}",
-        "logging.wandb.mode=disabled",
-        "logging.progress=false",
-    ]
-
-
-def ray_run(root: Path, name: str, overrides: list) -> dict:
-    from rich.console import Console
-
-    from raylm.cluster.connect import describe, start_or_connect
-    from raylm.configs.loader import load_config
-    from raylm.launcher import run_dir as rundir
-    from raylm.launcher.stages import run_all
-
-    start_or_connect(None)
-    run = load_config("tiny", [f"runs_dir={root}", f"name={name}", *overrides])
-    run_dir = rundir.create(run, name)
-    return run_all(run_dir, run, describe(embedded=True), Console(quiet=True))["stages"][0]
-
+from common import pretrain_overrides, run_on_ray, write_result
 
 def torchrun_run(root: Path, name: str, overrides: list, workers: int) -> dict:
     command = [
@@ -79,6 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    from raylm.cluster.connect import start_or_connect
     from raylm.launcher.mfu import measure_matmul_peak
 
     torch.set_num_threads(1)
@@ -86,9 +47,10 @@ def main() -> None:
     peak_bf16 = measure_matmul_peak(torch.device("cpu"), torch.bfloat16, seconds=2.0)
     root = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
     peak_override = [f"logging.mfu_peak_tflops={peak_fp32 / 1e12}"]
-    on_ray = ray_run(root, "ray2", common(args.steps, 2, args.zero) + peak_override)
-    on_torchrun = torchrun_run(root, "torchrun2", common(args.steps, 2, args.zero) + peak_override, 2)
-    single = ray_run(root, "ray1", common(args.steps, 1, args.zero) + peak_override)
+    info = start_or_connect(None)
+    on_ray = run_on_ray(root, "ray2", pretrain_overrides(args.steps, 2, args.zero) + peak_override, info)["stages"][0]
+    on_torchrun = torchrun_run(root, "torchrun2", pretrain_overrides(args.steps, 2, args.zero) + peak_override, 2)
+    single = run_on_ray(root, "ray1", pretrain_overrides(args.steps, 1, args.zero) + peak_override, info)["stages"][0]
     result = {
         "steps": args.steps,
         "zero_stage": args.zero,
@@ -103,10 +65,7 @@ def main() -> None:
         "final_loss_ray": on_ray["final_loss"],
         "final_loss_torchrun": on_torchrun["final_loss"],
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ray_vs_torchrun.json").write_text(json.dumps(result, indent=2))
+    write_result(args.out, "ray_vs_torchrun", result)
 
 
 if __name__ == "__main__":

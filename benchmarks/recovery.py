@@ -25,22 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from common import pretrain_overrides, write_result  # noqa: E402
 from faults import latest_step, signal_worker  # noqa: E402  (the tests' failure injectors)
 
-MODEL = ["model.d_model=256", "model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.max_seq_len=256", "model.vocab_size=2048"]
-RUN = [
-    *MODEL,
-    "stages=[{name: pretrain, kind: pretrain}]",
-    "train.max_steps=40",
-    "train.log_every=1",
-    "train.eval_every=0",
-    "train.ckpt_every=10",
-    "train.sample_tokens=0",
-    "fault.max_failures=2",
-    "cluster.num_workers=2",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+RUN = [*pretrain_overrides(40, workers=2, zero=2, log_every=1), "train.ckpt_every=10", "fault.max_failures=2"]
 
 
 def records(run_dir: Path):
@@ -114,10 +102,7 @@ def main() -> None:
         "raw_sequential_write_mb_per_s": raw / 1e6,
         "save_over_raw_write": (save_bytes / save_seconds) / raw,
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "recovery.json").write_text(json.dumps(result, indent=2))
+    write_result(args.out, "recovery", result)
 
 
 if __name__ == "__main__":

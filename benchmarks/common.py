@@ -1,0 +1,49 @@
+"""What the benchmarks share: the model, the single-stage overrides, one Ray run, result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+# Tiny but not trivial: d_model 256, 4 layers, GQA 8/4 heads, 256-token context.
+MODEL = ["model.d_model=256", "model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.max_seq_len=256", "model.vocab_size=2048"]
+
+
+def pretrain_overrides(steps: int, workers: int, zero: int, tp: int = 1, pp: int = 1, log_every: Optional[int] = None) -> List[str]:
+    """One pretrain stage, global batch 16 x micro-batch 4, no eval, W&B and progress bar off."""
+    return [
+        *MODEL,
+        "stages=[{name: pretrain, kind: pretrain}]",
+        f"train.max_steps={steps}",
+        f"train.log_every={log_every or steps}",
+        "train.eval_every=0",
+        "train.global_batch_size=16",
+        "train.sample_tokens=0",
+        "parallel.micro_batch_size=4",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.zero_stage={zero}",
+        f"cluster.num_workers={workers}",
+        "logging.wandb.mode=disabled",
+        "logging.progress=false",
+    ]
+
+
+def run_on_ray(root: Path, name: str, overrides: List[str], info) -> dict:
+    """Run every stage of the tiny preset with ``overrides``; the summary of run_all."""
+    from rich.console import Console
+
+    from raylm.configs.loader import load_config
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.stages import run_all
+
+    run = load_config("tiny", [f"runs_dir={root}", f"name={name}", *overrides])
+    return run_all(rundir.create(run, name), run, info, Console(quiet=True))
+
+
+def write_result(out: Optional[Path], name: str, result: dict) -> None:
+    print(json.dumps(result, indent=2))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
