@@ -136,3 +136,11 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path):
         assert (hf_model(tokens).logits - sft.model(tokens)).abs().max().item() < 1e-4
     again = _cli("export", str(default_run), "--out", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_resume_never_reruns_a_finished_stage(default_run):
+    before = (default_run / "metrics.jsonl").read_text()
+    resumed = _cli("resume", str(default_run), cwd=default_run.parent.parent)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("already finished, skipping") == 2
+    assert (default_run / "metrics.jsonl").read_text() == before

@@ -11,9 +11,10 @@ from conftest import TINY_PRETRAIN, assert_same_training, launch_in_process
 pytestmark = pytest.mark.slow
 
 LAYOUTS = {
-    "tp2-dp2-zero2": ["parallel.tp=2", "parallel.zero_stage=2"],
+    # Recomputing activations must not change a single loss: checked on the plain and the pipeline path.
+    "tp2-dp2-zero2-recompute": ["parallel.tp=2", "parallel.zero_stage=2", "parallel.activation_checkpointing=true"],
     "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
-    "pp2-dp2-zero1": ["parallel.pp=2", "parallel.zero_stage=1"],
+    "pp2-dp2-zero1-recompute": ["parallel.pp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"],
     "tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
 }
 

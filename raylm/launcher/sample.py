@@ -33,5 +33,6 @@ def sample_text(state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tok
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=tokenizer.eos_id, generator=generator)
+        stop = tokenizer.end_id if kind == "sft" else tokenizer.eos_id  # a chat answer ends with <|end|>
+        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=stop, generator=generator)
     return prompt + tokenizer.decode(out[0, ids.size(1):].tolist())
