@@ -6,7 +6,6 @@ uninterrupted run (fp32, CPU, same layout) and a loss curve that repeats it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
