@@ -87,7 +87,7 @@ class TrainConfig:
 class ClusterConfig:
     address: Optional[str] = _f(None, "Address of an existing Ray cluster ('auto', 'host:6379', 'ray://...'); null starts a local one.")
     num_workers: int = _f(2, "Training workers (ranks); the data-parallel size is num_workers / (tp * pp).")
-    min_workers: Optional[int] = _f(None, "Elastic lower bound on workers; null means fixed at num_workers.")
+    min_workers: Optional[int] = _f(None, "Elastic lower bound on workers; must stay null until checkpoints reshard across data-parallel sizes.")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker; torch uses this many threads in each.")
     use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them), 'true' or 'false'.")
     local_cpus: Optional[int] = _f(None, "CPUs of the embedded local cluster; null means every core of this machine.")
@@ -122,7 +122,7 @@ class StageConfig:
     optim: Dict[str, Any] = _f({}, "Overrides of the optim section for this stage.")
     train: Dict[str, Any] = _f({}, "Overrides of the train section for this stage.")
     parallel: Dict[str, Any] = _f({}, "Overrides of the parallel section for this stage.")
-    cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/min_workers/cpus_per_worker for this stage.")
+    cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/cpus_per_worker for this stage.")
 
 
 @dataclass

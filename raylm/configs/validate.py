@@ -98,10 +98,10 @@ def validate_parallel(run: RunConfig) -> None:
             f"parallel.pipeline_microbatches={p.pipeline_microbatches}"
         )
     if c.min_workers is not None:
-        if not 0 < c.min_workers <= c.num_workers or c.min_workers % model_parallel:
-            raise UserError(
-                f"cluster.min_workers={c.min_workers} must be a multiple of tp x pp = {model_parallel} between {model_parallel} and cluster.num_workers={c.num_workers}"
-            )
+        raise UserError(
+            f"cluster.min_workers={c.min_workers}: elastic resizing is not supported yet (a checkpoint cannot be resumed at "
+            "another data-parallel size); leave cluster.min_workers null"
+        )
 
 
 def validate_training(run: RunConfig) -> None:

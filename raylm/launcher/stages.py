@@ -39,7 +39,7 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     stage = run.stages[index]
     cfg = resolve_stage(run, index)
     use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
-    check_capacity(cfg.cluster.min_workers or cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, use_gpu, info)
+    check_capacity(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, use_gpu, info)
     init_path = initial_weights(run_dir, run, index)
     if init_path is not None:
         check_init_weights(cfg, init_path)

@@ -15,7 +15,6 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
     """``stage_cfg`` is the stage-resolved config; ``run_dir`` must be visible to every node."""
     stage = run.stages[stage_index]
     c = stage_cfg.cluster
-    workers = c.num_workers if c.min_workers is None else (c.min_workers, c.num_workers)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
@@ -27,7 +26,7 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
             "pp": stage_cfg.parallel.pp,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(stage_cfg.fault.hang_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="PACK"),
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="PACK"),
         run_config=RayRunConfig(
             name=stage.name,
             storage_path=str(run_dir),
