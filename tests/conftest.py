@@ -44,7 +44,9 @@ def read_metrics(run_dir: Path, stage: str = "pretrain", kind: str = "train") ->
 
 
 def losses(run_dir: Path, stage: str = "pretrain") -> List[float]:
-    return [r["loss"] for r in read_metrics(run_dir, stage)]
+    """One loss per step; a step trained again after a resume counts with its latest loss."""
+    by_step = {r["step"]: r["loss"] for r in read_metrics(run_dir, stage)}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def ray_info():
@@ -65,6 +67,19 @@ def launch_in_process(tmp_path: Path, name: str, overrides: List[str], source: s
     run_dir = rundir.create(run, name)
     run_all(run_dir, run, ray_info(), Console(quiet=True))
     return run_dir
+
+
+def resume_in_process(run_dir: Path, overrides: List[str]) -> None:
+    """What `raylm resume <run> --set ...` does, on the session's Ray cluster."""
+    from rich.console import Console
+
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.resume import with_resume_overrides
+    from raylm.launcher.stages import run_all
+
+    run = with_resume_overrides(rundir.load(run_dir), overrides)
+    rundir.save_config(run_dir, run)
+    run_all(run_dir, run, ray_info(), Console(quiet=True))
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,7 @@ def test_yaml_round_trip(tmp_path: Path):
         (["parallel.tp=4"], "parallel.tp=4 must divide model.n_head=4 and model.n_kv_head=2"),
         (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
         (["parallel.pp=2", "parallel.zero_stage=2"], "DeepSpeed's pipeline engine supports ZeRO 0 or 1"),
+        (["parallel.pp=2", "parallel.zero_stage=0"], "counts the tied embedding on both pipeline ends"),
         (["parallel.pp=9", "parallel.zero_stage=1", "cluster.num_workers=9", "train.global_batch_size=36"], "exceeds model.n_layer=4"),
         (["cluster.num_workers=3"], "train.global_batch_size=16 must be a multiple of data-parallel size 3"),
         (["parallel.tp=2", "cluster.num_workers=3"], "cluster.num_workers=3 is not divisible by parallel.tp=2"),
@@ -101,3 +102,15 @@ def test_bad_yaml_names_the_line(tmp_path: Path):
     path.write_text("train:\n  max_steps: [1,\n")
     with pytest.raises(UserError, match="bad.yaml"):
         load_config(str(path))
+
+
+def test_resume_may_change_the_layout_but_not_the_model():
+    from raylm.launcher.resume import with_resume_overrides
+
+    run = load_config("tiny", [])
+    relaid = with_resume_overrides(run, ["parallel.tp=2", "cluster.num_workers=4", "parallel.zero_stage=3", "train.precision=bf16"])
+    assert (relaid.parallel.tp, relaid.cluster.num_workers, relaid.parallel.zero_stage) == (2, 4, 3)
+    with pytest.raises(UserError, match="--set model.d_model cannot change on resume"):
+        with_resume_overrides(run, ["model.d_model=256"])
+    with pytest.raises(UserError, match="--set stages.0.data.source cannot change on resume"):
+        with_resume_overrides(run, ["stages.0.data.source=builtin:pydoc"])

@@ -1,7 +1,9 @@
 """Complete checkpoints: shards first, a manifest last, verified before loading.
 
-A checkpoint directory holds DeepSpeed's files under ``deepspeed/``, each
-rank's RNG states, ``trainer_state.json`` and ``manifest.json``. The manifest
+A checkpoint directory holds DeepSpeed's files under ``deepspeed/`` (readable
+by the same layout only), the layout-free copy of the training state under
+``layout_free/`` (see ``raylm.parallelism.layout_free``), each rank's RNG
+states and ``manifest.json``. The manifest
 (step, layout, consumed samples, every file's size and sha256) is written
 after every rank has finished its files; a directory without a manifest, or
 whose files disagree with it, is incomplete and never loaded. DeepSpeed's own
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_TAG = "deepspeed"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -35,6 +36,12 @@ class TrainerState:
     tp: int
     pp: int
     dp: int
+    zero_stage: int = 0
+    bf16: bool = False
+
+    def layout(self) -> str:
+        """What DeepSpeed's own shards depend on; another layout loads the layout-free copy instead."""
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero_stage={self.zero_stage} {'bf16' if self.bf16 else 'fp32'}"
 
 
 def step_dir_name(step: int) -> str:

@@ -12,9 +12,13 @@ from raylm.configs.schema import RunConfig
 from raylm.configs.validate import validate
 from raylm.errors import UserError
 
-# Changing anything else would change the model, the data order or the
-# checkpoint layout the saved shards were written with.
+# Changing anything else would change the model or the data order. The
+# layout (parallel.*, workers, precision) may change: a checkpoint written with
+# another layout is resumed from its layout-free copy.
 SAFE_ON_RESUME = (
+    "parallel.",
+    "cluster.",
+    "train.precision",
     "train.max_steps",
     "train.log_every",
     "train.eval_every",
@@ -24,8 +28,6 @@ SAFE_ON_RESUME = (
     "train.sample_tokens",
     "logging.",
     "fault.",
-    "cluster.address",
-    "cluster.local_cpus",
 )
 
 
@@ -40,7 +42,7 @@ def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig
         key = item.partition("=")[0]
         if not is_safe(key):
             raise UserError(
-                f"--set {key} cannot change on resume (it changes the model, data order or checkpoint layout); "
+                f"--set {key} cannot change on resume (it changes the model or the data order); "
                 f"safe keys: {', '.join(SAFE_ON_RESUME)}; for anything else start a new run with stages.0.init_from"
             )
     cfg = apply_overrides(OmegaConf.structured(run), overrides)

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -38,10 +38,11 @@ from raylm.launcher.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
 from raylm.models.weights import load_any, model_config_of, save_consolidated
-from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.data.sampler import eval_indices
+from raylm.parallelism.apply import ParallelModel, build_parallel_model
+from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
+from raylm.parallelism.topology import Topology
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
-
 
 
 @dataclass
@@ -132,10 +133,16 @@ def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
         raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")
 
 
-def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
+def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
+    """The full model on every rank: fresh, from ``init_path``, or from ``weights`` (dense names; a resharded resume)."""
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
-    if init_path is not None:
+    if weights is not None:
+        missing = {name for name, _ in model.named_parameters()} - weights.keys()
+        if missing:
+            raise ValueError(f"the layout-free checkpoint lacks {sorted(missing)}")
+        model.load_state_dict(weights, strict=False)  # a tied head and buffers are not stored
+    elif init_path is not None:
         check_init_weights(cfg, init_path)
         model.load_state_dict(load_any(init_path)[1])
     return model
@@ -155,24 +162,33 @@ class StageTrainer:
         self.is_logger = self.ctx.rank == 0
         self.bf16 = _use_bf16(self.cfg, self.ctx.device)
 
-        self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
-        dense = build_dense_model(self.cfg, initial_weights(run_dir, self.run, stage_index))
-        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
-        self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
-        self.accum = micro_batches(self.cfg, self.dp_size)
-        self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
-        self.engine = self._build_engine()
-        self.state = TrainerState(0, 0, 0, self.ctx.world_size, self.par.tp, self.par.pp, self.dp_size)
-        self.seq_len = self.cfg.model.max_seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
-
-        self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         self.metrics = MetricsFile(run_dir / METRICS_FILE) if self.is_logger else None
         self.wandb = (
             WandbRun(self.cfg.logging.wandb, run_dir, self.run.name or run_dir.name, self.stage.name, dump_nested(self.cfg))
             if self.is_logger
             else None
         )
+
+        self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
+        topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
+        self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
+                                  self.cfg.parallel.zero_stage, self.bf16)
+        self.resume_from = self._choose_checkpoint()
+        self.saved = read_state(self.resume_from) if self.resume_from is not None else None
+        self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
+        dense = build_dense_model(
+            self.cfg,
+            initial_weights(run_dir, self.run, stage_index),
+            self._layout_free_weights() if self.reshard else None,
+        )
+        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
+        self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
+        self.accum = micro_batches(self.cfg, self.dp_size)
+        self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
+        self.engine = self._build_engine()
+        self.seq_len = self.cfg.model.max_seq_len
+        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
 
     def _build_engine(self):
         import deepspeed
@@ -208,7 +224,8 @@ class StageTrainer:
             self.wandb.log(record["step"], values)
 
     # ------------------------------------------------------------------ resume
-    def resume(self) -> None:
+    def _choose_checkpoint(self) -> Optional[Path]:
+        """The newest complete checkpoint of this stage (rank 0 verifies, everyone learns it)."""
         chosen: list = [None]
         if self.ctx.rank == 0:
             for candidate in self.session.resume_candidates():
@@ -219,21 +236,35 @@ class StageTrainer:
                 self.log({"step": 0, "kind": "event", "event": "skipped_checkpoint", "path": str(candidate), "reason": reason})
                 print(f"[raylm] warning: checkpoint {candidate} is incomplete ({reason}); trying the previous one", flush=True)
         dist.broadcast_object_list(chosen, src=0)
-        if chosen[0] is None:
-            return
-        path = Path(chosen[0])
-        saved = read_state(path)
-        if (saved.tp, saved.pp, saved.dp) != (self.par.tp, self.par.pp, self.dp_size):
+        return Path(chosen[0]) if chosen[0] is not None else None
+
+    def _layout_free_weights(self) -> Dict[str, torch.Tensor]:
+        source = self.resume_from / LAYOUT_FREE_DIR
+        if not (source / OPTIMIZER_FILE).is_file():
             raise UserError(
-                f"checkpoint {path} was written with tp={saved.tp} pp={saved.pp} dp={saved.dp}, this stage runs tp={self.par.tp} "
-                f"pp={self.par.pp} dp={self.dp_size}; keep the layout or start a new stage with init_from its final weights"
+                f"checkpoint {self.resume_from} was written with {self.saved.layout()} and has no {LAYOUT_FREE_DIR}/ copy, "
+                f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
             )
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
-        rng_file = path / f"rng_rank{self.ctx.rank:05d}.pt"
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-        self.state = saved
+        return read_layout_free_weights(source)
+
+    def resume(self) -> None:
+        """Continue from the chosen checkpoint: DeepSpeed's own shards when the layout is the same, else the layout-free copy."""
+        if self.resume_from is None:
+            return
+        path, saved = self.resume_from, self.saved
+        if self.reshard:
+            load_layout_free(self.engine, self.par, path / LAYOUT_FREE_DIR)
+            self.engine.global_steps, self.engine.global_samples = saved.step, saved.consumed_samples
+            self.log({"step": saved.step, "kind": "event", "event": "resharded", "path": str(path),
+                      "from_layout": saved.layout(), "to_layout": self.state.layout()})
+            if self.is_logger:
+                print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
+            _set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False))
+        self.state = replace(self.state, step=saved.step, consumed_samples=saved.consumed_samples, tokens_seen=saved.tokens_seen)
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
 
     def _log_restart(self, resumed_step: int) -> None:
@@ -253,6 +284,7 @@ class StageTrainer:
         began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
         self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+        save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank:05d}.pt")
         dist.barrier()
         if self.session.shared_staging:

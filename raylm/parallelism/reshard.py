@@ -44,6 +44,25 @@ def unshard_state_dicts(per_tp_rank_sds: List[Mapping[str, torch.Tensor]], tp: i
     return full
 
 
+def gather_tp_tensor(tensor: torch.Tensor, dense_name: str, tp_group, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> torch.Tensor:
+    """The dense tensor from this tp group's shards of ``dense_name``; a collective over ``tp_group``.
+
+    Entries the plan does not split are the same on every tensor rank and come back as they are.
+    """
+    tp = dist.get_world_size(tp_group)
+    dim = split_dim_of(dense_name, plan)
+    if dim is None or tp == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def tp_shard_of(dense: torch.Tensor, dense_name: str, tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> torch.Tensor:
+    """Tensor rank ``tp_rank``'s slice of one dense entry (the entry itself where the plan does not split it)."""
+    return shard_state_dict({dense_name: dense}, tp_rank, tp, plan)[dense_name]
+
+
 def gather_full_state_dict(
     model: nn.Module,
     groups: ParallelGroups,
@@ -57,19 +76,11 @@ def gather_full_state_dict(
     left on the parameters' device.
     """
     rename = dense_names or {}
-    tp_group = groups.tp_group
-    tp = dist.get_world_size(tp_group)
     gathered_by_tensor: Dict[int, torch.Tensor] = {}  # a tied weight is gathered once
     full: StateDict = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         dense_name = rename.get(name, name)
-        dim = split_dim_of(dense_name, plan)
-        if dim is None or tp == 1:
-            full[dense_name] = tensor.detach().clone()
-            continue
         if id(tensor) not in gathered_by_tensor:
-            parts = [torch.empty_like(tensor) for _ in range(tp)]
-            dist.all_gather(parts, tensor.detach().contiguous(), group=tp_group)
-            gathered_by_tensor[id(tensor)] = torch.cat(parts, dim=dim)
+            gathered_by_tensor[id(tensor)] = gather_tp_tensor(tensor.detach(), dense_name, groups.tp_group, plan).clone()
         full[dense_name] = gathered_by_tensor[id(tensor)]
     return full
