@@ -61,7 +61,9 @@ def test_yaml_round_trip(tmp_path: Path):
         (["parallel.pp=9", "parallel.zero_stage=1", "cluster.num_workers=9", "train.global_batch_size=36"], "exceeds model.n_layer=4"),
         (["cluster.num_workers=3"], "train.global_batch_size=16 must be a multiple of data-parallel size 3"),
         (["parallel.tp=2", "cluster.num_workers=3"], "cluster.num_workers=3 is not divisible by parallel.tp=2"),
-        (["cluster.min_workers=2"], "elastic resizing is not supported yet"),
+        (["cluster.min_workers=3"], "cluster.min_workers=3 must lie between one tp x pp replica (1) and cluster.num_workers=2"),
+        (["parallel.tp=2", "cluster.num_workers=4", "cluster.min_workers=1"], "cluster.min_workers=1 must lie between one tp x pp replica (2)"),
+        (["cluster.elastic_check_s=0"], "cluster.elastic_check_s=0.0 must be > 0"),
         (["data.source=/does/not/exist"], "/does/not/exist"),
         (["data.source=builtin:nope"], "not a built-in pretrain corpus"),
         (["data.tokenizer=byte", "model.vocab_size=100"], "too small for data.tokenizer='byte'"),
@@ -114,3 +116,19 @@ def test_resume_may_change_the_layout_but_not_the_model():
         with_resume_overrides(run, ["model.d_model=256"])
     with pytest.raises(UserError, match="--set stages.0.data.source cannot change on resume"):
         with_resume_overrides(run, ["stages.0.data.source=builtin:pydoc"])
+
+
+@pytest.mark.parametrize(
+    "overrides, workers, usable",
+    [
+        ([], 3, 2),  # 16 sequences of micro-batch 4 split over 1, 2 or 4 replicas, not 3
+        ([], 5, 4),
+        (["parallel.tp=2", "cluster.num_workers=4"], 7, 4),
+        (["parallel.tp=2", "parallel.pp=2", "cluster.num_workers=4", "parallel.zero_stage=1"], 3, 0),
+        (["train.global_batch_size=12", "parallel.micro_batch_size=2", "cluster.num_workers=2"], 5, 3),
+    ],
+)
+def test_usable_world_size_keeps_whole_replicas_that_split_the_batch(overrides, workers, usable):
+    from raylm.parallelism.zero import usable_world_size
+
+    assert usable_world_size(load_config("tiny", overrides), workers) == usable

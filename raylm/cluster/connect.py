@@ -124,14 +124,14 @@ def wants_gpu(use_gpu: str, info: ClusterInfo) -> bool:
     return use_gpu == "auto" and info.gpus > 0
 
 
-def check_capacity(num_workers: int, cpus_per_worker: int, use_gpu: bool, info: ClusterInfo) -> None:
-    """Refuse a stage the cluster can never place, instead of waiting forever."""
+def check_capacity(num_workers: int, cpus_per_worker: int, use_gpu: bool, info: ClusterInfo, key: str = "cluster.num_workers") -> None:
+    """Refuse a stage the cluster can never place, instead of waiting forever (``key`` names the worker count)."""
     if use_gpu and num_workers > info.gpus:
-        raise UserError(f"cluster.num_workers={num_workers} needs {num_workers} GPUs but the cluster has {info.gpus:g}; lower cluster.num_workers")
+        raise UserError(f"{key}={num_workers} needs {num_workers} GPUs but the cluster has {info.gpus:g}; lower {key}")
     needed = num_workers * cpus_per_worker
     # The Ray Train controller takes no CPU, so workers may use every one.
     if not use_gpu and needed > info.cpus:
         raise UserError(
-            f"cluster.num_workers={num_workers} x cluster.cpus_per_worker={cpus_per_worker} needs {needed} CPUs but the cluster has {info.cpus:g}; "
+            f"{key}={num_workers} x cluster.cpus_per_worker={cpus_per_worker} needs {needed} CPUs but the cluster has {info.cpus:g}; "
             "lower them or set cluster.local_cpus"
         )

@@ -87,7 +87,9 @@ class TrainConfig:
 class ClusterConfig:
     address: Optional[str] = _f(None, "Address of an existing Ray cluster ('auto', 'host:6379', 'ray://...'); null starts a local one.")
     num_workers: int = _f(2, "Training workers (ranks); the data-parallel size is num_workers / (tp * pp).")
-    min_workers: Optional[int] = _f(None, "Elastic lower bound on workers; must stay null until checkpoints reshard across data-parallel sizes.")
+    min_workers: Optional[int] = _f(None, "Elastic lower bound on workers (num_workers is the upper one); null means a fixed size. After a node is lost the stage restarts on what is left, down to this many.")
+    elastic_check_s: float = _f(60.0, "How often an elastic stage looks for freed or added resources to grow back to num_workers.")
+    placement_timeout_s: float = _f(60.0, "How long a (re)start waits for its workers to be placed; an elastic stage then retries with what the cluster has.")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker; torch uses this many threads in each.")
     use_gpu: str = _f("auto", "'auto' (GPUs when the cluster has them), 'true' or 'false'.")
     local_cpus: Optional[int] = _f(None, "CPUs of the embedded local cluster; null means every core of this machine.")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
+from raylm.parallelism.zero import batch_splits
 
 BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
 STAGE_KINDS = ("pretrain", "sft")
@@ -85,28 +86,37 @@ def validate_parallel(run: RunConfig) -> None:
         raise UserError(f"parallel.pp={p.pp} exceeds model.n_layer={m.n_layer}; each pipeline stage needs at least one block")
     model_parallel = p.tp * p.pp
     _positive(c.num_workers, "cluster.num_workers")
-    if c.num_workers % model_parallel:
-        raise UserError(
-            f"cluster.num_workers={c.num_workers} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}; use a multiple of {model_parallel}"
-        )
-    dp = c.num_workers // model_parallel
-    per_step = dp * p.micro_batch_size
-    sets_micro_batch = p.pp > 1 and p.pipeline_microbatches
-    if not sets_micro_batch and run.train.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
-            f"parallel.micro_batch_size={p.micro_batch_size} = {per_step}"
-        )
-    if p.pp > 1 and p.pipeline_microbatches and run.train.global_batch_size % (dp * p.pipeline_microbatches):
-        raise UserError(
-            f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
-            f"parallel.pipeline_microbatches={p.pipeline_microbatches}"
-        )
-    if c.min_workers is not None:
-        raise UserError(
-            f"cluster.min_workers={c.min_workers}: elastic resizing is not supported yet (a checkpoint cannot be resumed at "
-            "another data-parallel size); leave cluster.min_workers null"
-        )
+    if c.min_workers is None:
+        if c.num_workers % model_parallel:
+            raise UserError(
+                f"cluster.num_workers={c.num_workers} is not divisible by parallel.tp={p.tp} x parallel.pp={p.pp}; use a multiple of {model_parallel}"
+            )
+        dp = c.num_workers // model_parallel
+        if not batch_splits(run, dp):
+            raise _batch_error(run, dp)
+    else:
+        # Elastic: Ray may start any count in [min, max]; the ranks beyond the whole
+        # replicas that split the global batch wait (raylm.parallelism.zero.usable_world_size).
+        if not model_parallel <= c.min_workers <= c.num_workers:
+            raise UserError(
+                f"cluster.min_workers={c.min_workers} must lie between one tp x pp replica ({model_parallel}) and "
+                f"cluster.num_workers={c.num_workers}, the elastic upper bound"
+            )
+        if not batch_splits(run, 1):
+            raise _batch_error(run, 1)
+    for key in ("elastic_check_s", "placement_timeout_s"):
+        if getattr(c, key) <= 0:
+            raise UserError(f"cluster.{key}={getattr(c, key)} must be > 0")
+
+
+def _batch_error(run: RunConfig, dp: int) -> UserError:
+    p = run.parallel
+    fixed_count = p.pp > 1 and p.pipeline_microbatches
+    name, per_replica = ("parallel.pipeline_microbatches", p.pipeline_microbatches) if fixed_count else ("parallel.micro_batch_size", p.micro_batch_size)
+    return UserError(
+        f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
+        f"{name}={per_replica} = {dp * per_replica}"
+    )
 
 
 def validate_training(run: RunConfig) -> None:

@@ -86,7 +86,8 @@ class StageProgress:
             self.console.print(f"  [{self.stage}] step {step}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
         elif kind == "event" and record.get("event") == "restart":
             self.console.print(
-                f"  [yellow]restart[/]: {self.stage} resumes at step {step} ({record['steps_lost']} logged step(s) to redo)"
+                f"  [yellow]restart[/]: {self.stage} resumes at step {step} on {record['world_size']} worker(s) "
+                f"({record['steps_lost']} logged step(s) to redo)"
             )
         elif kind == "event" and record.get("event") == "skipped_checkpoint":
             self.console.print(f"  [yellow]warning[/]: skipped incomplete checkpoint {record['path']} ({record['reason']})")

@@ -42,3 +42,7 @@ class RaySession:
         checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
         shutil.rmtree(staging, ignore_errors=True)
+
+    def close(self, step: int) -> None:
+        """One last report: it releases the ranks an elastic restart left without work (they wait in ``report``)."""
+        ray.train.report({"step": step, "finished": 1}, checkpoint=None)

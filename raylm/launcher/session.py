@@ -34,6 +34,9 @@ class Session(Protocol):
         Called on every rank after a barrier.
         """
 
+    def close(self, step: int) -> None:
+        """Called on every rank once the stage's final weights and summary are written."""
+
 
 class LocalSession:
     """Checkpoints straight into ``<stage_dir>/step_N`` on a shared filesystem."""
@@ -63,6 +66,9 @@ class LocalSession:
             for old in [p for p in step_dirs(self.stage_dir) if (p / MANIFEST).exists()][self.keep_last :]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+
+    def close(self, step: int) -> None:
+        pass
 
 
 def newest_first_unique(paths: List[Optional[Path]]) -> List[Path]:

@@ -39,7 +39,13 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     stage = run.stages[index]
     cfg = resolve_stage(run, index)
     use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
-    check_capacity(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, use_gpu, info)
+    c = cfg.cluster
+    if c.min_workers is None:
+        check_capacity(c.num_workers, c.cpus_per_worker, use_gpu, info)
+        workers = f"{c.num_workers} workers"
+    else:
+        check_capacity(c.min_workers, c.cpus_per_worker, use_gpu, info, key="cluster.min_workers")
+        workers = f"{c.min_workers}-{c.num_workers} workers (elastic)"
     init_path = initial_weights(run_dir, run, index)
     if init_path is not None:
         check_init_weights(cfg, init_path)
@@ -47,7 +53,7 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
         data = prepare_stage_data(run_dir, run, index)
     console.print(
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
-        f"{cfg.cluster.num_workers} workers on {'GPU' if use_gpu else 'CPU'}"
+        f"{workers} on {'GPU' if use_gpu else 'CPU'}"
     )
     trainer = stage_trainer(run_dir, run, index, cfg, use_gpu)
     with StageProgress(run_dir / METRICS_FILE, stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress):

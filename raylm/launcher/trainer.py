@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -15,18 +16,22 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
     """``stage_cfg`` is the stage-resolved config; ``run_dir`` must be visible to every node."""
     stage = run.stages[stage_index]
     c = stage_cfg.cluster
+    # Ray Train hands this to the run's controller; after a node is lost its
+    # first restart may still count the node's resources and wait this long.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.placement_timeout_s)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "run_dir": str(run_dir),
-            "stage_index": stage_index,
-            "stage_name": stage.name,
-            "tp": stage_cfg.parallel.tp,
-            "pp": stage_cfg.parallel.pp,
-        },
+        train_loop_config={"run_dir": str(run_dir), "stage_index": stage_index, "stage_name": stage.name},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(stage_cfg.fault.hang_timeout_s)),
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy="PACK"),
+        scaling_config=ScalingConfig(
+            # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
+            num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy="PACK",
+            elastic_resize_monitor_interval_s=c.elastic_check_s,
+        ),
         run_config=RayRunConfig(
             name=stage.name,
             storage_path=str(run_dir),

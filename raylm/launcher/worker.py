@@ -276,8 +276,11 @@ class StageTrainer:
             return
         reached = max((r["step"] for r in earlier if r.get("kind") == "train"), default=resumed_step)
         lost = max(0, reached - resumed_step)
-        self.log({"step": resumed_step, "kind": "event", "event": "restart", "last_logged_step": reached, "steps_lost": lost})
-        print(f"[raylm] restart of stage {self.stage.name}: resuming at step {resumed_step}, {lost} logged step(s) to redo", flush=True)
+        workers = self.ctx.world_size
+        self.log({"step": resumed_step, "kind": "event", "event": "restart", "last_logged_step": reached, "steps_lost": lost,
+                  "world_size": workers})
+        print(f"[raylm] restart of stage {self.stage.name}: resuming at step {resumed_step} on {workers} worker(s), "
+              f"{lost} logged step(s) to redo", flush=True)
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
@@ -439,6 +442,7 @@ class StageTrainer:
                 self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
                 self.wandb.finish()
         dist.barrier()
+        self.session.close(self.state.step)
         return summary
 
 

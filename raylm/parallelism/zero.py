@@ -18,6 +18,26 @@ def micro_batches(run: RunConfig, dp_size: int) -> int:
     return run.train.global_batch_size // (dp_size * p.micro_batch_size)
 
 
+def batch_splits(run: RunConfig, dp_size: int) -> bool:
+    """Whether the global batch divides evenly over ``dp_size`` replicas."""
+    p = run.parallel
+    per_replica = p.pipeline_microbatches if p.pp > 1 and p.pipeline_microbatches else p.micro_batch_size
+    return run.train.global_batch_size % (dp_size * per_replica) == 0
+
+
+def usable_world_size(run: RunConfig, workers: int) -> int:
+    """How many of ``workers`` ranks train: the most whole tp x pp replicas that split the global batch (0 if none fits).
+
+    An elastic restart may come back with any worker count; the ranks beyond
+    this wait out the stage (see ``raylm.launcher.ray_entry``).
+    """
+    replica = run.parallel.tp * run.parallel.pp
+    for dp_size in range(workers // replica, 0, -1):
+        if batch_splits(run, dp_size):
+            return dp_size * replica
+    return 0
+
+
 def micro_batch_size(run: RunConfig, dp_size: int) -> int:
     """Sequences per rank per forward pass."""
     return run.train.global_batch_size // (dp_size * micro_batches(run, dp_size))

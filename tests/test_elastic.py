@@ -1,0 +1,106 @@
+"""Elastic stages (cluster.min_workers): spare workers wait, a lost node shrinks the run, a new one grows it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_PRETRAIN, assert_same_training, launch_in_process, read_metrics
+from faults import latest_step
+
+pytestmark = pytest.mark.slow
+
+
+def test_spare_workers_wait_and_the_rest_trains_as_one_worker(single_worker, tmp_path):
+    """Ray starts 3 workers; 16 sequences of micro-batch 4 split over 2 replicas, not 3, so rank 2 waits."""
+    run_dir = launch_in_process(tmp_path, "spare", [*TINY_PRETRAIN, "cluster.num_workers=3", "cluster.min_workers=1"])
+    assert_same_training(single_worker, run_dir, "3 workers of which 2 train")
+    assert [r["world_size"] for r in read_metrics(run_dir, kind="start")] == [2]
+    spare_log = (run_dir / "pretrain" / "logs" / "rank_002.log").read_text()
+    assert "3 workers started; 2 train" in spare_log and "waits for the stage to finish" in spare_log
+
+
+# Two 1-CPU worker nodes (the head has no CPUs); "remove" and "add" on stdin change them.
+CLUSTER_SCRIPT = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 0, "include_dashboard": False,
+    "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+for line in sys.stdin:
+    if line.strip() == "remove":
+        cluster.remove_node(nodes.pop())
+    elif line.strip() == "add":
+        nodes.append(cluster.add_node(num_cpus=1))
+        cluster.wait_for_nodes()
+    print("done", flush=True)
+cluster.shutdown()
+"""
+
+
+def _wait_for(condition, launch: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert launch.poll() is None, f"the run ended while waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def tell(command: str) -> None:
+        cluster.stdin.write(command + "\n")
+        cluster.stdin.flush()
+        assert cluster.stdout.readline().strip() == "done"
+
+    run_dir = tmp_path / "runs" / "elastic"
+    try:
+        address = cluster.stdout.readline().strip()
+        with open(tmp_path / "launch.log", "w") as log:
+            launch = subprocess.Popen(
+                [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "elastic", "--address", address, *TINY_PRETRAIN,
+                 "train.max_steps=100", "train.ckpt_every=4", "cluster.num_workers=2", "cluster.min_workers=1",
+                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=15", "fault.max_failures=3"],
+                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+            starts = lambda: [r["world_size"] for r in read_metrics(run_dir, kind="start")] if (run_dir / "metrics.jsonl").exists() else []
+            _wait_for(lambda: latest_step(run_dir) >= 6, launch, "step 6")
+            tell("remove")  # for good, as far as the run can tell: it goes on with one worker
+            _wait_for(lambda: len(starts()) >= 2, launch, "the restart on one worker")
+            tell("add")
+            assert launch.wait(timeout=600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=120)
+
+    assert starts() == [2, 1, 2]
+    events = read_metrics(run_dir, kind="event")
+    resharded = [(r["from_layout"].split(" zero")[0], r["to_layout"].split(" zero")[0]) for r in events if r["event"] == "resharded"]
+    assert resharded == [("tp=1 pp=1 dp=2", "tp=1 pp=1 dp=1"), ("tp=1 pp=1 dp=1", "tp=1 pp=1 dp=2")]
+    train = read_metrics(run_dir)
+    # Same global batch throughout: every step adds 16 sequences of 64 tokens.
+    assert all(r["tokens"] == r["step"] * 16 * 64 for r in train)
+    assert max(r["step"] for r in train) == 100
+    # Steps redone on one worker after the loss repeat those two workers logged (same data, same optimizer state).
+    shrunk_at = next(r["step"] for r in events if r["event"] == "resharded")
+    losses_of_step = {}
+    for r in train:
+        losses_of_step.setdefault(r["step"], []).append(r["loss"])
+    redone = [losses for step, losses in losses_of_step.items() if step > shrunk_at and len(losses) > 1]
+    assert redone, f"no step after {shrunk_at} was logged both before and after the node was lost"
+    for before, after, *_ in redone:
+        assert abs(before - after) <= 1e-4 * abs(before)
+    summary = json.loads((run_dir / "pretrain" / "summary.json").read_text())
+    assert summary["layout"]["dp"] == 2
