@@ -88,6 +88,23 @@ def single_worker(ray_cluster, tmp_path_factory) -> Path:
     return launch_in_process(tmp_path_factory.mktemp("single"), "single", [*TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0"])
 
 
+# Runs that checkpoint at step 3 (and 5): parity tests check them, resharding tests continue them elsewhere.
+CHECKPOINT_AT_3 = [*TINY_PRETRAIN, "train.ckpt_every=3"]
+
+
+@pytest.fixture(scope="session")
+def tp2pp2_run(ray_cluster, tmp_path_factory) -> Path:
+    """tp2 x pp2 on 4 workers, ZeRO-1."""
+    return launch_in_process(tmp_path_factory.mktemp("tp2pp2"), "tp2pp2", [
+        *CHECKPOINT_AT_3, "cluster.num_workers=4", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
+
+
+@pytest.fixture(scope="session")
+def spare_worker_run(ray_cluster, tmp_path_factory) -> Path:
+    """Elastic 1-3 workers: Ray starts 3, but 16 sequences in micro-batches of 4 split over 2 replicas, so rank 2 waits (dp2, ZeRO-2)."""
+    return launch_in_process(tmp_path_factory.mktemp("spare"), "spare", [*CHECKPOINT_AT_3, "cluster.num_workers=3", "cluster.min_workers=1"])
+
+
 def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
     """Same 5 losses (1e-4 relative) and same consolidated final weights (1e-5)."""
     from safetensors.torch import load_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,22 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PRETRAIN, assert_same_training, launch_in_process, read_metrics
+from conftest import TINY_PRETRAIN, assert_same_training, read_metrics
 from faults import latest_step
 
 pytestmark = pytest.mark.slow
 
 
-def test_spare_workers_wait_and_the_rest_trains_as_one_worker(single_worker, tmp_path):
-    """Ray starts 3 workers; 16 sequences of micro-batch 4 split over 2 replicas, not 3, so rank 2 waits."""
-    run_dir = launch_in_process(tmp_path, "spare", [*TINY_PRETRAIN, "cluster.num_workers=3", "cluster.min_workers=1"])
-    assert_same_training(single_worker, run_dir, "3 workers of which 2 train")
-    assert [r["world_size"] for r in read_metrics(run_dir, kind="start")] == [2]
-    spare_log = (run_dir / "pretrain" / "logs" / "rank_002.log").read_text()
+def test_spare_workers_wait_and_the_rest_trains_as_one_worker(single_worker, spare_worker_run):
+    """Ray starts 3 workers; 16 sequences of micro-batch 4 split over 2 replicas, not 3, so rank 2 waits
+    (through the checkpoint at step 3 and the end)."""
+    assert_same_training(single_worker, spare_worker_run, "3 workers of which 2 train")
+    assert [r["world_size"] for r in read_metrics(spare_worker_run, kind="start")] == [2]
+    layout = json.loads((spare_worker_run / "summary.json").read_text())["stages"][0]["layout"]
+    assert layout == {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 2}
+    spare_log = (spare_worker_run / "pretrain" / "logs" / "rank_002.log").read_text()
     assert "3 workers started; 2 train" in spare_log and "waits for the stage to finish" in spare_log
 
 
-# Two 1-CPU worker nodes (the head has no CPUs); "remove" and "add" on stdin change them.
+# Two 2-CPU worker nodes (the head has no CPUs); "remove" and "add" on stdin change them.
 CLUSTER_SCRIPT = """
 import sys
 from ray.cluster_utils import Cluster
@@ -34,14 +37,14 @@ cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "include_dashboard": False,
     "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
 })
-nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
 for line in sys.stdin:
     if line.strip() == "remove":
         cluster.remove_node(nodes.pop())
     elif line.strip() == "add":
-        nodes.append(cluster.add_node(num_cpus=1))
+        nodes.append(cluster.add_node(num_cpus=2))
         cluster.wait_for_nodes()
     print("done", flush=True)
 cluster.shutdown()
@@ -56,7 +59,15 @@ def _wait_for(condition, launch: subprocess.Popen, what: str, timeout: float = 3
         time.sleep(0.1)
 
 
+def _latest_node_of_rank(stage_dir: Path, ranks: int) -> list:
+    """Each rank's node at the latest (re)start, from the headers of the rank logs."""
+    return [re.findall(r"\[raylm\] rank \d+ pid \d+ node (\w+)", (stage_dir / "logs" / f"rank_{r:03d}.log").read_text())[-1]
+            for r in range(ranks)]
+
+
 def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
+    """tp2 on two 2-CPU nodes: 4 workers (dp2), then 2 (dp1) after a node is removed, then 4 again once one is added;
+    tensor-parallel pairs stay on one node throughout (``raylm launch --address`` on a real multi-node cluster)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -71,28 +82,30 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
         with open(tmp_path / "launch.log", "w") as log:
             launch = subprocess.Popen(
                 [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "elastic", "--address", address, *TINY_PRETRAIN,
-                 "train.max_steps=100", "train.ckpt_every=4", "cluster.num_workers=2", "cluster.min_workers=1",
-                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=15", "fault.max_failures=3"],
+                 "train.max_steps=60", "train.ckpt_every=4", "cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2",
+                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=10", "fault.max_failures=3"],
                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
             starts = lambda: [r["world_size"] for r in read_metrics(run_dir, kind="start")] if (run_dir / "metrics.jsonl").exists() else []
             _wait_for(lambda: latest_step(run_dir) >= 6, launch, "step 6")
-            tell("remove")  # for good, as far as the run can tell: it goes on with one worker
-            _wait_for(lambda: len(starts()) >= 2, launch, "the restart on one worker")
+            tell("remove")  # for good, as far as the run can tell: it goes on with one tp pair
+            _wait_for(lambda: len(starts()) >= 2, launch, "the restart on two workers")
             tell("add")
             assert launch.wait(timeout=600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
     finally:
         cluster.stdin.close()
         cluster.wait(timeout=120)
 
-    assert starts() == [2, 1, 2]
+    assert starts() == [4, 2, 4]
     events = read_metrics(run_dir, kind="event")
     resharded = [(r["from_layout"].split(" zero")[0], r["to_layout"].split(" zero")[0]) for r in events if r["event"] == "resharded"]
-    assert resharded == [("tp=1 pp=1 dp=2", "tp=1 pp=1 dp=1"), ("tp=1 pp=1 dp=1", "tp=1 pp=1 dp=2")]
+    assert resharded == [("tp=2 pp=1 dp=2", "tp=2 pp=1 dp=1"), ("tp=2 pp=1 dp=1", "tp=2 pp=1 dp=2")]
+    nodes = _latest_node_of_rank(run_dir / "pretrain", 4)
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
     train = read_metrics(run_dir)
     # Same global batch throughout: every step adds 16 sequences of 64 tokens.
     assert all(r["tokens"] == r["step"] * 16 * 64 for r in train)
-    assert max(r["step"] for r in train) == 100
+    assert max(r["step"] for r in train) == 60
     # Steps redone on one worker after the loss repeat those two workers logged (same data, same optimizer state).
     shrunk_at = next(r["step"] for r in events if r["event"] == "resharded")
     losses_of_step = {}
@@ -103,4 +116,4 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     for before, after, *_ in redone:
         assert abs(before - after) <= 1e-4 * abs(before)
     summary = json.loads((run_dir / "pretrain" / "summary.json").read_text())
-    assert summary["layout"]["dp"] == 2
+    assert (summary["layout"]["tp"], summary["layout"]["dp"]) == (2, 2)

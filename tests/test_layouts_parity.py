@@ -15,7 +15,6 @@ LAYOUTS = {
     "tp2-dp2-zero2-recompute": ["parallel.tp=2", "parallel.zero_stage=2", "parallel.activation_checkpointing=true"],
     "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
     "pp2-dp2-zero1-recompute": ["parallel.pp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"],
-    "tp2-pp2-zero1": ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"],
 }
 
 
@@ -27,3 +26,9 @@ def test_layout_matches_one_worker(single_worker, tmp_path, name):
     tp = 2 if "tp2" in name else 1
     pp = 2 if "pp2" in name else 1
     assert layout["tp"] == tp and layout["pp"] == pp and layout["dp"] == 4 // (tp * pp)
+
+
+def test_tp2_pp2_matches_one_worker(single_worker, tp2pp2_run):
+    assert_same_training(single_worker, tp2pp2_run, "tp2-pp2-zero1")
+    layout = json.loads((tp2pp2_run / "summary.json").read_text())["stages"][0]["layout"]
+    assert (layout["tp"], layout["pp"], layout["dp"]) == (2, 2, 1)

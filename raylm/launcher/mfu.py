@@ -7,12 +7,14 @@ import time
 import torch
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 0, seconds: float = 0.5) -> float:
     """FLOP/s of a square matmul on ``device`` with the current thread count.
 
     This is the ceiling the same process can reach, so MFU against it is
-    meaningful on a CPU where no datasheet peak applies.
+    meaningful on a CPU where no datasheet peak applies. ``size`` 0 picks
+    1024 on a CPU and 8192 on a GPU (smaller products leave a GPU idle).
     """
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):

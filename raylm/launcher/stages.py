@@ -20,7 +20,7 @@ from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
 from raylm.launcher.worker import check_init_weights, initial_weights
-from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
+from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, RAY_SNAPSHOT, STAGE_SUMMARY, SUMMARY_FILE
 
 
 def _worker_error_message(err: BaseException) -> str:
@@ -29,6 +29,22 @@ def _worker_error_message(err: BaseException) -> str:
         if marker in text:
             return text.split(marker, 1)[1].splitlines()[0]
     return ""
+
+
+def _set_aside_stale_ray_snapshot(stage_dir: Path, console: Console) -> None:
+    """Ray Train refuses to restore a run whose snapshot lists a checkpoint directory that is gone
+    (deleted by hand, say, after raylm warned it was incomplete). raylm resumes from the
+    ``step_*`` directories on disk either way, so such a snapshot is moved aside."""
+    snapshot = stage_dir / RAY_SNAPSHOT
+    try:
+        listed = [entry["checkpoint_dir_name"] for entry in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    missing = [name for name in listed if not (stage_dir / name).is_dir()]
+    if missing:
+        snapshot.replace(snapshot.with_name(RAY_SNAPSHOT + ".stale"))
+        console.print(f"  [yellow]warning[/]: Ray's record of {stage_dir.name} lists removed checkpoint(s) {', '.join(missing)}; "
+                      "set it aside and resuming from the checkpoints on disk")
 
 
 def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, console: Console) -> dict:
@@ -55,6 +71,7 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
         f"{workers} on {'GPU' if use_gpu else 'CPU'}"
     )
+    _set_aside_stale_ray_snapshot(run_dir / stage.name, console)
     trainer = stage_trainer(run_dir, run, index, cfg, use_gpu)
     with StageProgress(run_dir / METRICS_FILE, stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress):
         try:
