@@ -132,3 +132,9 @@ def test_usable_world_size_keeps_whole_replicas_that_split_the_batch(overrides, 
     from raylm.parallelism.zero import usable_world_size
 
     assert usable_world_size(load_config("tiny", overrides), workers) == usable
+
+
+def test_use_gpu_takes_bare_true_and_false():
+    assert load_config("tiny", ["cluster.use_gpu=false"]).cluster.use_gpu == "false"
+    run = load_config("tiny", ["stages.0.cluster.use_gpu=true"])
+    assert resolve_stage(run, 0).cluster.use_gpu == "true"

@@ -136,9 +136,12 @@ def load_config(source: Optional[str] = None, overrides: Iterable[str] = ()) -> 
 
 def _to_object(cfg: DictConfig) -> RunConfig:
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err, "the config") from None
+    # YAML and dotlists read a bare true/false as a boolean, which this str field then holds as 'True'/'False'.
+    run.cluster.use_gpu = run.cluster.use_gpu.lower()
+    return run
 
 
 def to_yaml(run: RunConfig) -> str:
