@@ -39,7 +39,10 @@ def ray_cluster():
 
 
 def read_metrics(run_dir: Path, stage: str = "pretrain", kind: str = "train") -> List[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    if lines and not lines[-1].endswith("}"):
+        lines.pop()  # a line being written while a test watches a running stage
+    records = [json.loads(line) for line in lines]
     return [r for r in records if r.get("stage") == stage and r.get("kind") == kind]
 
 

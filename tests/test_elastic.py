@@ -59,6 +59,13 @@ def _wait_for(condition, launch: subprocess.Popen, what: str, timeout: float = 3
         time.sleep(0.1)
 
 
+def _checkpoints_since_start(run_dir: Path, start: int) -> bool:
+    """Whether the stage's ``start``-th (re)start has written a checkpoint."""
+    records = read_metrics(run_dir, kind="start") + read_metrics(run_dir, kind="event")
+    began = [r["time"] for r in records if r["kind"] == "start"]
+    return len(began) >= start and any(r.get("event") == "checkpoint" and r["time"] > began[start - 1] for r in records)
+
+
 def _latest_node_of_rank(stage_dir: Path, ranks: int) -> list:
     """Each rank's node at the latest (re)start, from the headers of the rank logs."""
     return [re.findall(r"\[raylm\] rank \d+ pid \d+ node (\w+)", (stage_dir / "logs" / f"rank_{r:03d}.log").read_text())[-1]
@@ -90,6 +97,8 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
             _wait_for(lambda: latest_step(run_dir) >= 6, launch, "step 6")
             tell("remove")  # for good, as far as the run can tell: it goes on with one tp pair
             _wait_for(lambda: len(starts()) >= 2, launch, "the restart on two workers")
+            # Let the smaller group write a checkpoint before the cluster grows, so the growth reshards too.
+            _wait_for(lambda: _checkpoints_since_start(run_dir, 2), launch, "a checkpoint on two workers")
             tell("add")
             assert launch.wait(timeout=600) == 0, (tmp_path / "launch.log").read_text()[-3000:]
     finally:
