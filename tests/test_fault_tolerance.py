@@ -68,6 +68,8 @@ def test_killed_then_hung_worker_restart_and_finish_identically(uninterrupted, t
     # The hang is noticed after fault.hang_timeout_s (10 s), then Ray Train restarts the group on 2 cores.
     assert restarts[1]["time"] - injected[1][1] < 10 + 90
     assert_bitwise_equal_to(uninterrupted, run_dir)
+    # train.keep_last=2: the checkpoints each failed group left behind (steps 4 and 12) are gone too.
+    assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
 
 def _wait_until_gone(pids, timeout: float = 120) -> None:

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 MANIFEST = "manifest.json"
 DEEPSPEED_TAG = "deepspeed"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's own record of a stage's registered checkpoints."""
 
 
 @dataclass
@@ -107,3 +109,11 @@ def step_dirs(stage_dir: Path) -> List[Path]:
         return []
     found = [(int(m.group(1)), p) for p in stage_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def registered_by_ray(stage_dir: Path) -> Optional[List[str]]:
+    """Checkpoint directory names Ray Train's snapshot of the stage lists (None without a readable snapshot)."""
+    try:
+        return [entry["checkpoint_dir_name"] for entry in json.loads((stage_dir / RAY_SNAPSHOT).read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

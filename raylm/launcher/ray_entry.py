@@ -102,4 +102,4 @@ def train_loop_per_worker(config: dict) -> None:
             _wait_out_the_stage(run_dir, stage)
             return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
-    train_stage(run_dir, config["stage_index"], lambda stage_dir, _cfg: RaySession(stage_dir))
+    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last))

@@ -9,7 +9,7 @@ from typing import List
 
 import ray.train
 
-from raylm.launcher.checkpoint import step_dir_name, step_dirs
+from raylm.launcher.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs
 from raylm.launcher.session import newest_first_unique
 
 
@@ -24,8 +24,9 @@ class RaySession:
 
     shared_staging = False
 
-    def __init__(self, stage_dir: Path):
+    def __init__(self, stage_dir: Path, keep_last: int):
         self.stage_dir = stage_dir
+        self.keep_last = keep_last
 
     def resume_candidates(self) -> List[Path]:
         """Newest step first: Ray's latest registered checkpoint can be older than a complete
@@ -42,6 +43,20 @@ class RaySession:
         checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
         shutil.rmtree(staging, ignore_errors=True)
+        if ray.train.get_context().get_world_rank() == 0:
+            self._prune_unregistered()
+
+    def _prune_unregistered(self) -> None:
+        """Ray Train deletes the checkpoints it registered beyond ``keep_last``; one that was complete on disk
+        when its worker group failed is never registered, so never deleted. Older than the newest
+        ``keep_last`` complete ones and unknown to Ray, it goes here."""
+        registered = registered_by_ray(self.stage_dir)
+        if registered is None:
+            return
+        complete = [path for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()]
+        for old in complete[self.keep_last :]:
+            if old.name not in registered:
+                shutil.rmtree(old, ignore_errors=True)
 
     def close(self, step: int) -> None:
         """One last report: it releases the ranks an elastic restart left without work (they wait in ``report``)."""

@@ -20,7 +20,8 @@ from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.stage_data import prepare_stage_data
 from raylm.launcher.worker import check_init_weights, initial_weights
-from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, RAY_SNAPSHOT, STAGE_SUMMARY, SUMMARY_FILE
+from raylm.launcher.checkpoint import RAY_SNAPSHOT, registered_by_ray
+from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
 
 
 def _worker_error_message(err: BaseException) -> str:
@@ -36,11 +37,7 @@ def _set_aside_stale_ray_snapshot(stage_dir: Path, console: Console) -> None:
     (deleted by hand, say, after raylm warned it was incomplete). raylm resumes from the
     ``step_*`` directories on disk either way, so such a snapshot is moved aside."""
     snapshot = stage_dir / RAY_SNAPSHOT
-    try:
-        listed = [entry["checkpoint_dir_name"] for entry in json.loads(snapshot.read_text())["checkpoint_results"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    missing = [name for name in listed if not (stage_dir / name).is_dir()]
+    missing = [name for name in registered_by_ray(stage_dir) or [] if not (stage_dir / name).is_dir()]
     if missing:
         snapshot.replace(snapshot.with_name(RAY_SNAPSHOT + ".stale"))
         console.print(f"  [yellow]warning[/]: Ray's record of {stage_dir.name} lists removed checkpoint(s) {', '.join(missing)}; "
