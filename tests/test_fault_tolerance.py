@@ -72,6 +72,33 @@ def test_killed_then_hung_worker_restart_and_finish_identically(uninterrupted, t
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
 
+def test_worker_that_raises_restarts_and_finishes_identically(uninterrupted, tmp_path):
+    """A transient I/O error on the run directory (metrics.jsonl briefly a directory) makes rank 0 raise mid-run."""
+    run_dir = tmp_path / "raises"
+    metrics, parked = run_dir / "metrics.jsonl", tmp_path / "metrics.parked"
+    broken = []
+
+    def break_then_mend() -> None:
+        before = worker_pids(run_dir / "pretrain")
+        metrics.replace(parked)
+        metrics.mkdir()
+        broken.append(time.time())
+        deadline = time.time() + 300
+        while worker_pids(run_dir / "pretrain") == before and time.time() < deadline:
+            time.sleep(0.02)
+        metrics.rmdir()  # the new worker group is starting: the storage is back
+        parked.replace(metrics)
+
+    when_step_reached(run_dir, 6, break_then_mend)
+    launch_in_process(tmp_path, "raises", FAULTY)
+    assert broken, "the fault was never injected"
+    rank0_log = (run_dir / "pretrain" / "logs" / "rank_000.log").read_text()
+    assert "IsADirectoryError" in rank0_log
+    restarts = _events(run_dir, "restart")
+    assert len(restarts) == 1 and restarts[0]["step"] in (4, 8)
+    assert_bitwise_equal_to(uninterrupted, run_dir)
+
+
 def _wait_until_gone(pids, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     for pid in pids:
