@@ -43,7 +43,8 @@ def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig
         if not is_safe(key):
             raise UserError(
                 f"--set {key} cannot change on resume (it changes the model or the data order); "
-                f"safe keys: {', '.join(SAFE_ON_RESUME)}; for anything else start a new run with stages.0.init_from"
+                f"safe keys: {', '.join(k + '*' if k.endswith('.') else k for k in SAFE_ON_RESUME)}; "
+                "for anything else start a new run with stages.0.init_from"
             )
     cfg = apply_overrides(OmegaConf.structured(run), overrides)
     updated: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
