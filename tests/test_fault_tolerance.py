@@ -1,4 +1,4 @@
-"""Real failures: killed and hung workers, a killed driver, a corrupted checkpoint.
+"""Real failures: killed, raising and hung workers, a killed driver, a corrupted checkpoint.
 
 Every interrupted run must end with final weights bitwise equal to the
 uninterrupted run (fp32, CPU, same layout) and a loss curve that repeats it.
@@ -48,55 +48,50 @@ def assert_bitwise_equal_to(reference: Path, run_dir: Path) -> None:
     assert [by_step[s] for s in sorted(by_step)] == losses(reference)
 
 
-def test_killed_then_hung_worker_restart_and_finish_identically(uninterrupted, tmp_path):
-    """A SIGKILLed worker, then (after that restart) a SIGSTOPped one: two restarts, same result."""
+def _break_storage_until_restart(run_dir: Path, parked: Path) -> None:
+    """A transient I/O error on the run directory: metrics.jsonl is a directory until a new worker group starts,
+    so rank 0 raises at its next write."""
+    metrics = run_dir / "metrics.jsonl"
+    before = worker_pids(run_dir / "pretrain")
+    metrics.replace(parked)
+    metrics.mkdir()
+    deadline = time.time() + 300
+    while worker_pids(run_dir / "pretrain") == before and time.time() < deadline:
+        time.sleep(0.02)
+    metrics.rmdir()
+    parked.replace(metrics)
+
+
+def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterrupted, tmp_path):
+    """A SIGKILLed worker, then a worker that raises, then a SIGSTOPped one, each after the previous restart:
+    three restarts, same result."""
     run_dir = tmp_path / "faulty"
     injected = []
 
-    def kill_then_freeze() -> None:
-        injected.append(("kill", time.time(), signal_worker(run_dir / "pretrain", signal.SIGKILL)))
-        while not _events(run_dir, "restart") or latest_step(run_dir) < 13:
+    def after_restart(count: int, step: int) -> None:
+        while len(_events(run_dir, "restart")) < count or latest_step(run_dir) < step:
             time.sleep(0.05)
+
+    def kill_raise_freeze() -> None:
+        injected.append(("kill", time.time(), signal_worker(run_dir / "pretrain", signal.SIGKILL)))
+        after_restart(1, 9)
+        injected.append(("raise", time.time(), 0))
+        _break_storage_until_restart(run_dir, tmp_path / "metrics.parked")
+        after_restart(2, 13)
         injected.append(("freeze", time.time(), signal_worker(run_dir / "pretrain", signal.SIGSTOP)))
 
-    when_step_reached(run_dir, 6, kill_then_freeze)
-    launch_in_process(tmp_path, "faulty", [*FAULTY, "fault.hang_timeout_s=10"])
-    assert [what for what, _, pid in injected if pid is not None] == ["kill", "freeze"]
+    when_step_reached(run_dir, 6, kill_raise_freeze)
+    launch_in_process(tmp_path, "faulty", [*FAULTY, "fault.hang_timeout_s=10", "fault.max_failures=3"])
+    assert [what for what, _, pid in injected if pid is not None] == ["kill", "raise", "freeze"]
+    assert "IsADirectoryError" in (run_dir / "pretrain" / "logs" / "rank_000.log").read_text()
     restarts = _events(run_dir, "restart")
-    assert [r["step"] for r in restarts] == [4, 12]
+    assert [r["step"] for r in restarts] == [4, 8, 12]
     assert all(r["steps_lost"] >= 1 for r in restarts)
     # The hang is noticed after fault.hang_timeout_s (10 s), then Ray Train restarts the group on 2 cores.
-    assert restarts[1]["time"] - injected[1][1] < 10 + 90
+    assert restarts[2]["time"] - injected[2][1] < 10 + 90
     assert_bitwise_equal_to(uninterrupted, run_dir)
-    # train.keep_last=2: the checkpoints each failed group left behind (steps 4 and 12) are gone too.
+    # train.keep_last=2: the checkpoints each failed group left behind (steps 4, 8 and 12) are gone too.
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
-
-
-def test_worker_that_raises_restarts_and_finishes_identically(uninterrupted, tmp_path):
-    """A transient I/O error on the run directory (metrics.jsonl briefly a directory) makes rank 0 raise mid-run."""
-    run_dir = tmp_path / "raises"
-    metrics, parked = run_dir / "metrics.jsonl", tmp_path / "metrics.parked"
-    broken = []
-
-    def break_then_mend() -> None:
-        before = worker_pids(run_dir / "pretrain")
-        metrics.replace(parked)
-        metrics.mkdir()
-        broken.append(time.time())
-        deadline = time.time() + 300
-        while worker_pids(run_dir / "pretrain") == before and time.time() < deadline:
-            time.sleep(0.02)
-        metrics.rmdir()  # the new worker group is starting: the storage is back
-        parked.replace(metrics)
-
-    when_step_reached(run_dir, 6, break_then_mend)
-    launch_in_process(tmp_path, "raises", FAULTY)
-    assert broken, "the fault was never injected"
-    rank0_log = (run_dir / "pretrain" / "logs" / "rank_000.log").read_text()
-    assert "IsADirectoryError" in rank0_log
-    restarts = _events(run_dir, "restart")
-    assert len(restarts) == 1 and restarts[0]["step"] in (4, 8)
-    assert_bitwise_equal_to(uninterrupted, run_dir)
 
 
 def _wait_until_gone(pids, timeout: float = 120) -> None:

@@ -56,11 +56,12 @@ class StageProgress:
             self._poll()
 
     def _poll(self) -> None:
-        if not self.metrics_path.exists():
-            return
-        with open(self.metrics_path) as handle:
-            handle.seek(self._offset)
-            chunk = handle.read()
+        try:
+            with open(self.metrics_path) as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except OSError:
+            return  # not written yet, or the run directory's storage hiccups: show it at the next poll
         complete = chunk[: chunk.rfind("\n") + 1]
         self._offset += len(complete.encode())
         for line in complete.splitlines():
