@@ -8,17 +8,27 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
+
+
+def _latest_headers(stage_dir: Path) -> List[Tuple[int, str]]:
+    """(pid, node id) of each rank at the stage's latest (re)start, from the ``[raylm] rank N pid P node X`` log headers."""
+    headers = []
+    for log in sorted((stage_dir / "logs").glob("rank_*.log")):
+        found = re.findall(r"\[raylm\] rank \d+ pid (\d+) node (\w+)", log.read_text(errors="replace"))
+        if found:
+            headers.append((int(found[-1][0]), found[-1][1]))
+    return headers
 
 
 def worker_pids(stage_dir: Path) -> List[int]:
-    """Pids of the stage's current workers, from the headers of their rank logs (latest start)."""
-    pids = []
-    for log in sorted((stage_dir / "logs").glob("rank_*.log")):
-        found = re.findall(r"\[raylm\] rank \d+ pid (\d+)", log.read_text(errors="replace"))
-        if found:
-            pids.append(int(found[-1]))
-    return pids
+    """Pids of the stage's current workers."""
+    return [pid for pid, _ in _latest_headers(stage_dir)]
+
+
+def worker_nodes(stage_dir: Path) -> List[str]:
+    """Ray node ids of the stage's current workers, by rank."""
+    return [node for _, node in _latest_headers(stage_dir)]
 
 
 def latest_step(run_dir: Path, stage: str = "pretrain") -> int:

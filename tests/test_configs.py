@@ -110,8 +110,10 @@ def test_resume_may_change_the_layout_but_not_the_model():
     from raylm.launcher.resume import with_resume_overrides
 
     run = load_config("tiny", [])
-    relaid = with_resume_overrides(run, ["parallel.tp=2", "cluster.num_workers=4", "parallel.zero_stage=3", "train.precision=bf16"])
+    relaid = with_resume_overrides(run, ["parallel.tp=2", "cluster.num_workers=4", "parallel.zero_stage=3", "train.precision=bf16",
+                                         "cluster.use_gpu=false"])
     assert (relaid.parallel.tp, relaid.cluster.num_workers, relaid.parallel.zero_stage) == (2, 4, 3)
+    assert relaid.cluster.use_gpu == "false"
     with pytest.raises(UserError, match="--set model.d_model cannot change on resume"):
         with_resume_overrides(run, ["model.d_model=256"])
     with pytest.raises(UserError, match="--set stages.0.data.source cannot change on resume"):

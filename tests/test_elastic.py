@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAIN, assert_same_training, read_metrics
-from faults import latest_step
+from faults import latest_step, worker_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +65,6 @@ def _checkpoints_since_start(run_dir: Path, start: int) -> bool:
     return len(began) >= start and any(r.get("event") == "checkpoint" and r["time"] > began[start - 1] for r in records)
 
 
-def _latest_node_of_rank(stage_dir: Path, ranks: int) -> list:
-    """Each rank's node at the latest (re)start, from the headers of the rank logs."""
-    return [re.findall(r"\[raylm\] rank \d+ pid \d+ node (\w+)", (stage_dir / "logs" / f"rank_{r:03d}.log").read_text())[-1]
-            for r in range(ranks)]
-
-
 def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     """tp2 on two 2-CPU nodes: 4 workers (dp2), then 2 (dp1) after a node is removed, then 4 again once one is added;
     tensor-parallel pairs stay on one node throughout (``raylm launch --address`` on a real multi-node cluster)."""
@@ -109,8 +102,8 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     events = read_metrics(run_dir, kind="event")
     resharded = [(r["from_layout"].split(" zero")[0], r["to_layout"].split(" zero")[0]) for r in events if r["event"] == "resharded"]
     assert resharded == [("tp=2 pp=1 dp=2", "tp=2 pp=1 dp=1"), ("tp=2 pp=1 dp=1", "tp=2 pp=1 dp=2")]
-    nodes = _latest_node_of_rank(run_dir / "pretrain", 4)
-    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
+    nodes = worker_nodes(run_dir / "pretrain")
+    assert len(nodes) == 4 and nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
     train = read_metrics(run_dir)
     # Same global batch throughout: every step adds 16 sequences of 64 tokens.
     assert all(r["tokens"] == r["step"] * 16 * 64 for r in train)

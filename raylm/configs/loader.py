@@ -129,12 +129,13 @@ def load_config(source: Optional[str] = None, overrides: Iterable[str] = ()) -> 
         data, origin = _source_layer(source)
         cfg = _merge(cfg, data, origin)
     cfg = apply_overrides(cfg, list(overrides))
-    run = _to_object(cfg)
+    run = to_run_config(cfg)
     validate(run)
     return run
 
 
-def _to_object(cfg: DictConfig) -> RunConfig:
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed config of a merged OmegaConf tree; every path from YAML or dotlists to a RunConfig goes here."""
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
@@ -151,7 +152,7 @@ def to_yaml(run: RunConfig) -> str:
 def from_yaml_file(path: Path) -> RunConfig:
     """Load a resolved config written by ``to_yaml`` (a run's config.yaml)."""
     data = _read_yaml(path.read_text(), str(path))
-    return _to_object(_merge(OmegaConf.structured(RunConfig), data, str(path)))
+    return to_run_config(_merge(OmegaConf.structured(RunConfig), data, str(path)))
 
 
 def resolve_stage(run: RunConfig, index: int) -> RunConfig:
@@ -173,7 +174,7 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
                     f"stage '{stage.name}': bad key 'stages.{index}.{key}'{_did_you_mean(key)}: {str(err).splitlines()[0]}"
                 ) from None
             base[section] = merged
-    return _to_object(base)
+    return to_run_config(base)
 
 
 def dump_nested(cfg: Any) -> Any:

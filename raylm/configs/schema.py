@@ -124,7 +124,7 @@ class StageConfig:
     optim: Dict[str, Any] = _f({}, "Overrides of the optim section for this stage.")
     train: Dict[str, Any] = _f({}, "Overrides of the train section for this stage.")
     parallel: Dict[str, Any] = _f({}, "Overrides of the parallel section for this stage.")
-    cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/cpus_per_worker for this stage.")
+    cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/min_workers/cpus_per_worker for this stage.")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
-from raylm.parallelism.zero import batch_splits
+from raylm.parallelism.zero import batch_splits, batch_unit
 
 BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
 STAGE_KINDS = ("pretrain", "sft")
@@ -110,9 +110,7 @@ def validate_parallel(run: RunConfig) -> None:
 
 
 def _batch_error(run: RunConfig, dp: int) -> UserError:
-    p = run.parallel
-    fixed_count = p.pp > 1 and p.pipeline_microbatches
-    name, per_replica = ("parallel.pipeline_microbatches", p.pipeline_microbatches) if fixed_count else ("parallel.micro_batch_size", p.micro_batch_size)
+    name, per_replica = batch_unit(run)
     return UserError(
         f"train.global_batch_size={run.train.global_batch_size} must be a multiple of data-parallel size {dp} x "
         f"{name}={per_replica} = {dp * per_replica}"

@@ -7,7 +7,7 @@ from typing import Iterable
 
 from omegaconf import OmegaConf
 
-from raylm.configs.loader import apply_overrides
+from raylm.configs.loader import apply_overrides, to_run_config
 from raylm.configs.schema import RunConfig
 from raylm.configs.validate import validate
 from raylm.errors import UserError
@@ -47,6 +47,6 @@ def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig
                 "for anything else start a new run with stages.0.init_from"
             )
     cfg = apply_overrides(OmegaConf.structured(run), overrides)
-    updated: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    updated = to_run_config(cfg)
     validate(updated)
     return updated

@@ -19,18 +19,19 @@ from raylm.parallelism.topology import ParallelGroups
 StateDict = Dict[str, torch.Tensor]
 
 
+def tp_shard_of(dense: torch.Tensor, dense_name: str, tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> torch.Tensor:
+    """Tensor rank ``tp_rank``'s slice of one dense entry (a copy, not a view); the entry itself where the plan does not split it."""
+    dim = split_dim_of(dense_name, plan)
+    if dim is None:
+        return dense
+    if dense.size(dim) % tp:
+        raise ValueError(f"{dense_name} of shape {tuple(dense.shape)} does not split into {tp} equal shards along dimension {dim}")
+    return dense.chunk(tp, dim=dim)[tp_rank].clone()
+
+
 def shard_state_dict(full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> StateDict:
     """Tensor rank ``tp_rank``'s shard of a dense state dict (split entries are copies, not views)."""
-    shards: StateDict = {}
-    for name, tensor in full_sd.items():
-        dim = split_dim_of(name, plan)
-        if dim is None:
-            shards[name] = tensor
-            continue
-        if tensor.size(dim) % tp:
-            raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not split into {tp} equal shards along dimension {dim}")
-        shards[name] = tensor.chunk(tp, dim=dim)[tp_rank].clone()
-    return shards
+    return {name: tp_shard_of(tensor, name, tp_rank, tp, plan) for name, tensor in full_sd.items()}
 
 
 def unshard_state_dicts(per_tp_rank_sds: List[Mapping[str, torch.Tensor]], tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> StateDict:
@@ -56,11 +57,6 @@ def gather_tp_tensor(tensor: torch.Tensor, dense_name: str, tp_group, plan: Mapp
     parts = [torch.empty_like(tensor) for _ in range(tp)]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
     return torch.cat(parts, dim=dim)
-
-
-def tp_shard_of(dense: torch.Tensor, dense_name: str, tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> torch.Tensor:
-    """Tensor rank ``tp_rank``'s slice of one dense entry (the entry itself where the plan does not split it)."""
-    return shard_state_dict({dense_name: dense}, tp_rank, tp, plan)[dense_name]
 
 
 def gather_full_state_dict(

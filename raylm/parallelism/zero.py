@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 from raylm.configs.schema import RunConfig
 
 
@@ -18,11 +20,21 @@ def micro_batches(run: RunConfig, dp_size: int) -> int:
     return run.train.global_batch_size // (dp_size * p.micro_batch_size)
 
 
+def batch_unit(run: RunConfig) -> Tuple[str, int]:
+    """The setting (key, value) a replica's share of the global batch must be a multiple of.
+
+    With pp > 1 and ``parallel.pipeline_microbatches`` set, that count is
+    fixed; otherwise the micro-batch size is.
+    """
+    p = run.parallel
+    if p.pp > 1 and p.pipeline_microbatches:
+        return "parallel.pipeline_microbatches", p.pipeline_microbatches
+    return "parallel.micro_batch_size", p.micro_batch_size
+
+
 def batch_splits(run: RunConfig, dp_size: int) -> bool:
     """Whether the global batch divides evenly over ``dp_size`` replicas."""
-    p = run.parallel
-    per_replica = p.pipeline_microbatches if p.pp > 1 and p.pipeline_microbatches else p.micro_batch_size
-    return run.train.global_batch_size % (dp_size * per_replica) == 0
+    return run.train.global_batch_size % (dp_size * batch_unit(run)[1]) == 0
 
 
 def usable_world_size(run: RunConfig, workers: int) -> int:
