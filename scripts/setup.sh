@@ -9,7 +9,9 @@ python=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# pip's own warnings about this machine's pip.conf are noise; its exit status is not (pipefail keeps it).
+quiet() { grep -v "is ignored" || true; }
+python -m pip install -q --upgrade pip 2>&1 | quiet
 if ! python -c "import torch" 2>/dev/null; then
   if [ -z "${TORCH_SPEC:-}" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -19,9 +21,9 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
   fi
   echo "setup: installing $TORCH_SPEC"
-  python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
+  python -m pip install -q "$TORCH_SPEC" 2>&1 | quiet
 fi
 echo "setup: installing raylm and its dependencies"
-python -m pip install -q -e ".[test,hf]" 2>&1 | grep -v "is ignored" || true
-python -c "import raylm, torch, deepspeed, ray" 2>/dev/null || { echo "setup: the install failed; see pip's output above" >&2; exit 1; }
+python -m pip install -q -e ".[test,hf]" 2>&1 | quiet
+python -c "import raylm, torch, deepspeed, ray, transformers, pytest_timeout" || { echo "setup: the install failed; see the output above" >&2; exit 1; }
 echo "setup: ready (.venv)"

@@ -46,20 +46,31 @@ def latest_step(run_dir: Path, stage: str = "pretrain") -> int:
     return max(steps, default=0)
 
 
-def when_step_reached(run_dir: Path, step: int, action: Callable[[], None], timeout: float = 600) -> threading.Thread:
+class StepTrigger(threading.Thread):
+    """Runs ``action`` once the stage has logged ``step``; ``error`` holds what went wrong (a timeout included)."""
+
+    def __init__(self, run_dir: Path, step: int, action: Callable[[], None], timeout: float):
+        super().__init__(daemon=True)
+        self.run_dir, self.step, self.action, self.timeout = run_dir, step, action, timeout
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.time() + self.timeout
+            while latest_step(self.run_dir) < self.step:
+                if time.time() > deadline:
+                    raise TimeoutError(f"step {self.step} was not logged within {self.timeout:.0f} s")
+                time.sleep(0.05)
+            self.action()
+        except BaseException as err:  # reported to the test through .error
+            self.error = err
+
+
+def when_step_reached(run_dir: Path, step: int, action: Callable[[], None], timeout: float = 600) -> StepTrigger:
     """Run ``action`` once the stage has logged ``step`` (in a background thread)."""
-
-    def watch() -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if latest_step(run_dir) >= step:
-                action()
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    trigger = StepTrigger(run_dir, step, action, timeout)
+    trigger.start()
+    return trigger
 
 
 def signal_worker(stage_dir: Path, sig: int, rank: int = 1) -> Optional[int]:

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import TINY_PRETRAIN, assert_same_training, read_metrics
 from faults import latest_step, worker_nodes
+from numerics import training_rel
+from raylm.configs.loader import from_yaml_file, resolve_stage
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +85,7 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
             launch = subprocess.Popen(
                 [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "elastic", "--address", address, *TINY_PRETRAIN,
                  "train.max_steps=60", "train.ckpt_every=4", "cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2",
-                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=10", "fault.max_failures=3"],
+                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=30", "fault.max_failures=6"],
                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
             starts = lambda: [r["world_size"] for r in read_metrics(run_dir, kind="start")] if (run_dir / "metrics.jsonl").exists() else []
@@ -108,14 +110,17 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     # Same global batch throughout: every step adds 16 sequences of 64 tokens.
     assert all(r["tokens"] == r["step"] * 16 * 64 for r in train)
     assert max(r["step"] for r in train) == 60
-    # Steps redone on one worker after the loss repeat those two workers logged (same data, same optimizer state).
-    shrunk_at = next(r["step"] for r in events if r["event"] == "resharded")
+    # Steps redone after each restart repeat the losses logged before it (same data, same optimizer state), and
+    # however far a group got past its last checkpoint before it was stopped, the run says how many it redid.
     losses_of_step = {}
     for r in train:
         losses_of_step.setdefault(r["step"], []).append(r["loss"])
-    redone = [losses for step, losses in losses_of_step.items() if step > shrunk_at and len(losses) > 1]
-    assert redone, f"no step after {shrunk_at} was logged both before and after the node was lost"
-    for before, after, *_ in redone:
-        assert abs(before - after) <= 1e-4 * abs(before)
+    restarts = [r for r in events if r["event"] == "restart"]
+    assert sum(len(l) - 1 for l in losses_of_step.values()) == sum(r["steps_lost"] for r in restarts)
+    cfg = resolve_stage(from_yaml_file(run_dir / "config.yaml"), 0)
+    # A redone step follows at most ckpt_every steps that ran with another data-parallel reduction order.
+    rel = training_rel(cfg.model, 16 * 64, cfg.train.ckpt_every)
+    for step, logged in losses_of_step.items():
+        assert all(abs(loss - logged[0]) <= rel * abs(logged[0]) for loss in logged), (step, logged)
     summary = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     assert (summary["layout"]["tp"], summary["layout"]["dp"]) == (2, 2)

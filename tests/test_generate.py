@@ -7,6 +7,7 @@ import torch
 
 from raylm.models.generate import generate, sample_next, stream
 from raylm.models.kv_cache import make_kv_caches
+from numerics import assert_close, longest_reduction, model_depth, worst_case
 from test_model import random_tokens, tiny_model
 
 
@@ -54,7 +55,9 @@ def test_chunked_prefill_with_cache_matches_full_forward(model, chunks):
         for size in chunks:
             pieces.append(model(tokens[:, start : start + size], caches, start))
             start += size
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    # A chunk attends over its cached keys in other blocks than the full forward: the same sums, reordered.
+    rel = worst_case(longest_reduction(model.cfg, tokens.shape[1])) * model_depth(model.cfg)
+    assert_close(torch.cat(pieces, dim=1), full, f"chunks {chunks}", rel)
 
 
 def test_cache_is_sized_from_the_key_projection(model):

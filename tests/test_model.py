@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from numerics import assert_close, longest_reduction, model_depth, worst_case
 from raylm.configs.schema import ModelConfig
 from raylm.models.flops import flops_per_token, param_count
 from raylm.models.llama import Llama, ffn_hidden_size, num_params
@@ -64,7 +65,9 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_values():
             state[key] = state[key].view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
     mha.load_state_dict(state)
     tokens = random_tokens(2, 12)
-    torch.testing.assert_close(mha(tokens), gqa(tokens), atol=1e-6, rtol=0)
+    # Repeated key/value heads feed other kernels than grouped ones: the same sums, reordered.
+    rel = worst_case(longest_reduction(gqa.cfg, tokens.numel())) * model_depth(gqa.cfg)
+    assert_close(mha(tokens), gqa(tokens), "GQA vs repeated MHA logits", rel)
 
 
 @pytest.mark.parametrize("tie", [True, False])
