@@ -60,7 +60,10 @@ def test_global_batch_must_split_evenly():
 
 def test_eval_indices_are_fixed_and_split_across_ranks():
     per_rank = [eval_indices(100, batches=3, dp_rank=rank, dp_size=2, micro_batch=4) for rank in range(2)]
-    assert per_rank[0] == eval_indices(100, batches=3, dp_rank=0, dp_size=2, micro_batch=4)
+    # Batch b of every rank together is the b-th slice of the split, whatever the number of ranks.
+    assert per_rank[0] == [[0, 1, 2, 3], [8, 9, 10, 11], [16, 17, 18, 19]]
+    one_rank = eval_indices(100, batches=3, dp_rank=0, dp_size=1, micro_batch=8)
+    assert [a + b for a, b in zip(*per_rank)] == one_rank
     flat = [i for rank in per_rank for batch in rank for i in batch]
     assert sorted(flat) == list(range(24))
     assert all(len(batch) == 4 for rank in per_rank for batch in rank)
