@@ -10,6 +10,10 @@ warm-up). The byte tokenizer replaces BPE training (minutes on 32k merges);
 the vocabulary size, so the FLOPs, stay the preset's. ``benchmarks/gpu_wheels.sh``
 fetches the packages a bare GPU image lacks. On a CPU, ``--preset tiny``
 runs the same path in a minute as a smoke test.
+
+It fits a device slot of minutes: no checkpoint is written (``train.ckpt_every=0``), and the run directory
+(tokenized data, the consolidated final weights: 5 GB for 1.3b) lives in a scratch directory that is
+deleted at the end; ``--out`` receives only the log and the JSON result.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,19 +75,21 @@ def main() -> int:
         "data.tokenizer=byte", "logging.wandb.mode=disabled", "logging.progress=false",
         f"logging.mfu_peak_tflops={peak / 1e12}",
     ]
-    run_dir = args.out / "run"
+    scratch = Path(tempfile.mkdtemp(prefix="raylm-gpu-check-"))
+    run_dir = scratch / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                "-m", "raylm.launcher.torchrun_main", "--run-dir", str(run_dir), args.preset, *overrides]
     began = time.perf_counter()
     with open(args.out / "train.log", "w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - began
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if (run_dir / "metrics.jsonl").exists() else []
+    shutil.rmtree(scratch, ignore_errors=True)
     if finished.returncode != 0:
         print((args.out / "train.log").read_text()[-4000:])
         return finished.returncode
 
     cfg = load_config(args.preset, overrides)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > WARMUP_STEPS]
     tokens_per_s = statistics.median(steady)
     per_token = flops_per_token(cfg.model, cfg.model.max_seq_len)

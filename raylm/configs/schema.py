@@ -77,7 +77,7 @@ class TrainConfig:
     log_every: int = _f(5, "Log training metrics every this many steps.")
     eval_every: int = _f(30, "Evaluate on the held-out split every this many steps (and at the end); 0 only at the end.")
     eval_batches: int = _f(4, "Micro-batches per rank in one evaluation.")
-    ckpt_every: int = _f(30, "Checkpoint every this many steps (and at the end); 0 only at the end.")
+    ckpt_every: int = _f(30, "Checkpoint every this many steps and at the end; 0 never (the final weights are still saved).")
     keep_last: int = _f(2, "Complete checkpoints kept per stage.")
     precision: str = _f("auto", "'auto' (bf16 where the GPU supports it, else fp32), 'fp32' or 'bf16'.")
     sample_tokens: int = _f(48, "Tokens generated for the sample shown in the summary.")

@@ -411,7 +411,7 @@ class StageTrainer:
                 last["eval_loss"] = self.evaluate()
                 self.log({"step": self.state.step, "kind": "eval", "eval_loss": last["eval_loss"],
                           "eval_ppl": math.exp(min(last["eval_loss"], 50.0)), "tokens": self.state.tokens_seen})
-            if self._due(t.ckpt_every):
+            if t.ckpt_every > 0 and self._due(t.ckpt_every):
                 self.watchdog.beat()
                 self.checkpoint({"loss": loss})
                 self.watchdog.beat()
