@@ -79,6 +79,7 @@ def test_yaml_round_trip(tmp_path: Path):
         (["stages.0.init_from=/no/such/dir"], "stages.0.init_from"),
         (["stages=[]"], "stages is empty"),
         (["train.max_steps"], "must look like key=value"),
+        (["runs_dir=s3://bucket/runs"], "runs_dir='s3://bucket/runs': raylm cannot write runs to s3:// storage yet"),
     ],
 )
 def test_invalid_configs_name_the_key(overrides, fragment):

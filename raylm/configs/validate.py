@@ -192,7 +192,18 @@ def validate_stages(run: RunConfig) -> None:
             raise UserError(f"stage '{stage.name}': {err}") from None
 
 
+def validate_runs_dir(run: RunConfig) -> None:
+    """A URI is refused, never taken as a local directory named after its scheme (``s3:/bucket``)."""
+    scheme, sep, _ = run.runs_dir.partition("://")
+    if sep:
+        raise UserError(
+            f"runs_dir={run.runs_dir!r}: raylm cannot write runs to {scheme}:// storage yet; "
+            "use a local path or a filesystem every node mounts (NFS, a FUSE mount of the bucket)"
+        )
+
+
 def validate(run: RunConfig) -> None:
     if run.name is not None and (not run.name or "/" in run.name or run.name.startswith(".")):
         raise UserError(f"name={run.name!r} must be a plain directory name")
+    validate_runs_dir(run)
     validate_stages(run)
