@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Dict, Iterable, List
 
 from omegaconf import OmegaConf
 
@@ -50,3 +50,29 @@ def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig
     updated = to_run_config(cfg)
     validate(updated)
     return updated
+
+
+def _flat(node, prefix: str = "") -> Dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        return {k: v for i, value in enumerate(node) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
+def differing_keys(saved: RunConfig, new: RunConfig) -> List[str]:
+    """Dotted keys whose values differ between two configs (stages by position)."""
+    a, b = (_flat(OmegaConf.to_container(OmegaConf.structured(run))) for run in (saved, new))
+    return sorted(key for key in a.keys() | b.keys() if key != "name" and a.get(key, "<absent>") != b.get(key, "<absent>"))
+
+
+def relaunch_config(saved: RunConfig, new: RunConfig) -> RunConfig:
+    """The config a relaunch of an existing run continues with: the new one, if it changes only safe keys."""
+    unsafe = [key for key in differing_keys(saved, new) if not is_safe(key)]
+    if unsafe:
+        shown = ", ".join(unsafe[:6]) + (f" and {len(unsafe) - 6} more" if len(unsafe) > 6 else "")
+        raise UserError(
+            f"run '{saved.name}' exists with another config ({shown} differ; they change the model or the data order); "
+            "relaunch with the config it was started with, or pick another --name"
+        )
+    return new
