@@ -54,6 +54,16 @@ def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
     return FinishedStage(run, name, run.stages[index].kind, index, final_dir, cfg, model, Tokenizer.load(final_dir))
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse sampling settings the sampler cannot honour (a top-k of 0 would keep no token at all)."""
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k {top_k} must be >= 1: the number of most likely tokens to sample from")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must be in (0, 1]: the probability mass of the most likely tokens to sample from")
+
+
 def generate_text(
     stage: FinishedStage,
     prompt: str,
@@ -64,6 +74,7 @@ def generate_text(
     seed: int,
 ) -> Iterator[str]:
     """Yield decoded text pieces as tokens arrive; sft stages use the chat template."""
+    check_sampling(temperature, top_k, top_p)
     tok = stage.tokenizer
     text = prompt_for(stage.kind, prompt) if stage.kind == "sft" else prompt
     ids = tok.encode(text)

@@ -1,0 +1,67 @@
+"""README: each restart is logged to W&B with the step it resumed from, and every metric is plotted
+against ``trainer/step``, so a rewind to a checkpoint never hits W&B's monotonic-step rule.
+
+One small run (12 steps, a checkpoint every 4, 2 workers) whose rank 1 is SIGKILLed once step 6 is
+logged; what W&B recorded is read back from the offline run files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_PRETRAIN, launch_in_process
+from faults import signal_worker, when_step_reached
+from wandb_records import read_run
+
+pytestmark = pytest.mark.slow
+
+RESTARTED = [
+    *(o for o in TINY_PRETRAIN if not o.startswith("logging.wandb")), "logging.wandb.mode=offline",
+    "train.max_steps=12", "train.ckpt_every=4", "fault.max_failures=1", "cluster.num_workers=2",
+    "train.precision=fp32", "cluster.use_gpu=false",
+]
+
+
+@pytest.mark.timeout(600)
+def test_a_restart_reaches_wandb_and_every_metric_is_plotted_against_trainer_step(ray_cluster, tmp_path):
+    run_dir = tmp_path / "restarted"
+    killed = []
+    when_step_reached(run_dir, 6, lambda: killed.append(signal_worker(run_dir / "pretrain", signal.SIGKILL)))
+    launch_in_process(tmp_path, "restarted", RESTARTED)
+    assert killed and killed[0] is not None
+    check_wandb_after_one_restart(run_dir)
+
+
+def check_wandb_after_one_restart(run_dir: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (restart,) = [r for r in records if r.get("event") == "restart"]
+    checkpoints = [r["step"] for r in records[: records.index(restart)] if r.get("event") == "checkpoint"]
+    assert checkpoints and restart["step"] == max(checkpoints)
+    assert restart["last_logged_step"] > restart["step"]
+
+    # One W&B run id for the stage; the restarted worker group appends to it (offline: a second directory).
+    run_id = (run_dir / "pretrain" / "wandb_id").read_text()
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
+    # The killed group's file holds only what wandb-core had flushed (it writes in 32 KiB blocks): maybe nothing.
+    before, after = (read_run(p) for p in offline)
+
+    for wandb_run in (before, after):
+        logged = {key for row in wandb_run.history for key in row if not key.startswith("_")} - {"trainer/step"}
+        assert {key: wandb_run.step_metric(key) for key in logged} == {key: "trainer/step" for key in logged}
+    assert {"train/loss", "event/steps_lost", "start/world_size", "end/final_loss"} <= {key for row in after.history for key in row}
+
+    # The restart row: the step it resumed from and the logged steps lost, as in metrics.jsonl.
+    (row,) = [r for r in after.history if "event/steps_lost" in r]
+    assert row["trainer/step"] == restart["step"]
+    assert row["event/steps_lost"] == restart["steps_lost"] == restart["last_logged_step"] - restart["step"]
+    assert row["event/last_logged_step"] == restart["last_logged_step"]
+
+    # After the rewind every step is logged again, below the step W&B had already seen.
+    latest_loss = {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    again = [(r["trainer/step"], r["train/loss"]) for r in after.history if "train/loss" in r]
+    assert again == [(step, latest_loss[step]) for step in range(restart["step"] + 1, 13)]
