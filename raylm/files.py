@@ -10,10 +10,11 @@ from typing import Any
 from raylm.errors import UserError
 
 
-def read_text(path: Path, fix: str) -> str:
-    """The UTF-8 text of ``path``; ``fix`` ends the message when it cannot be read."""
+def read_text(path: Path, fix: str, errors: str = "strict") -> str:
+    """The UTF-8 text of ``path``; ``fix`` ends the message when it cannot be read
+    (``errors="replace"`` for files whose damaged lines the reader skips)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8", errors=errors)
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); {fix}") from None
     except OSError as err:

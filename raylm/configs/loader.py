@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from raylm.configs.schema import STAGE_SECTIONS, RunConfig, StageConfig
+from raylm.configs.schema import STAGE_SECTIONS, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.files import read_text
 
@@ -213,6 +213,25 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     # YAML and dotlists read a bare true/false as a boolean, which this str field then holds as 'True'/'False'.
     run.cluster.use_gpu = run.cluster.use_gpu.lower()
     return run
+
+
+def model_config_from(data: dict, origin: str, fix: str) -> ModelConfig:
+    """The ModelConfig stored with weights (a config.json's values), type-checked and validated
+    like a config file's; ``fix`` ends the message when it is not a valid model."""
+    from raylm.configs.validate import validate_model
+
+    try:
+        check_shape(data, ModelConfig, "model", origin)
+        cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data))  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise UserError(f"{_explain(err, origin)}; {fix}") from None
+    except UserError as err:
+        raise UserError(f"{err}; {fix}") from None
+    try:
+        validate_model(RunConfig(model=cfg))
+    except UserError as err:
+        raise UserError(f"{origin}: {err}; {fix}") from None
+    return cfg
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -90,6 +90,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if driver_alive(run_dir):
         raise UserError(f"run {run_dir.name} is still running (its driver is alive); wait for it or stop it first")
     run = with_resume_overrides(rundir.load(run_dir), args.set or [])
+    for stage in run.stages:
+        rundir.stage_summary(run_dir, stage.name)  # a damaged one is reported before Ray starts, not after
     rundir.save_config(run_dir, run)
 
     from raylm.cluster.connect import start_or_connect
@@ -115,7 +117,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for column in ("run", "stage", "state", "step", "last checkpoint", "restarts"):
         table.add_column(column)
     for run_dir in runs:
-        for s in run_status(run_dir):
+        try:
+            stages = run_status(run_dir)
+        except UserError:
+            if args.run:
+                raise
+            # One damaged run must not hide the others; 'raylm status RUN' says what is wrong with it.
+            table.add_row(run_dir.name, "-", f"unreadable ('raylm status {run_dir}' says why)", "-", "-", "-")
+            continue
+        for s in stages:
             table.add_row(run_dir.name, f"{s.name} ({s.kind})", s.state, f"{s.step}/{s.max_steps}", s.last_checkpoint or "-", str(s.restarts))
     console.print(table)
     return 0

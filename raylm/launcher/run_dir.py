@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,7 @@ from typing import Optional
 from raylm.configs.loader import from_yaml_file, to_yaml
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
+from raylm.files import read_json
 from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
 
 
@@ -61,9 +61,23 @@ def stage_finished(run_dir: Path, stage: str) -> bool:
     return (run_dir / stage / STAGE_SUMMARY).is_file() and (run_dir / stage / FINAL_DIR / "model.safetensors").is_file()
 
 
+SUMMARY_FIELDS = {"stage": str, "kind": str, "steps": int, "final_loss": float, "eval_loss": float, "tokens_per_s": float, "mfu": float,
+                  "sample": str, "final_dir": str}
+"""What the end-of-run table shows of each stage."""
+
+
 def stage_summary(run_dir: Path, stage: str) -> Optional[dict]:
     path = run_dir / stage / STAGE_SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    # Without its summary a stage counts as unfinished; resuming finishes it again from the last checkpoint.
+    fix = f"delete it and run 'raylm resume {run_dir}' to finish the stage again"
+    summary = read_json(path, fix)
+    for key, kind in SUMMARY_FIELDS.items():
+        value = summary.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind in (int, float) else kind):
+            raise UserError(f"{path} has {key}={value!r}, not {'a number' if kind in (int, float) else 'a string'}; {fix}")
+    return summary
 
 
 def latest_final(run_dir: Path, run: RunConfig, stage: Optional[str] = None) -> Path:
