@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import finished_run, one_line_error
+from conftest import TINY_PRETRAIN, finished_run, one_line_error
 from raylm.launcher.cli import main
 
 
@@ -23,8 +23,9 @@ def raylm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
-    """Each test runs in its own directory, where `runs/` would appear."""
+    """Each test runs in its own directory (where `runs/` would appear) with no Ray cluster named in the environment."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +62,74 @@ def test_a_real_process_exits_2_without_a_traceback(tmp_path):
 
 
 def test_unreachable_cluster_address_is_a_user_error(tmp_path, capsys):
-    assert "cluster.address='127.0.0.1:1'" in one_line_error(capsys, "launch", "--address", "127.0.0.1:1")
+    line = one_line_error(capsys, "launch", "--address", "127.0.0.1:1")
+    assert "--address 127.0.0.1:1" in line and "Connection refused" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ray_address_from_the_environment_is_honoured(tmp_path, capsys, monkeypatch):
+    """Ray's convention: RAY_ADDRESS (set for a Ray Job's driver) names the cluster when no address is given."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    line = one_line_error(capsys, "launch")
+    assert "RAY_ADDRESS='127.0.0.1:1'" in line and "unset RAY_ADDRESS" in line
+    assert not (tmp_path / "runs").exists()
+    # An explicit address still wins over the environment.
+    assert "--address 127.0.0.1:2" in one_line_error(capsys, "launch", "--address", "127.0.0.1:2")
+
+
+# Launches whose inputs turn out unusable only once data or weights are read: one line, and no runs/ left behind.
+SHORT = [f"{key}={value}" for key, value in (item.split("=", 1) for item in TINY_PRETRAIN) if not key.startswith("stages")]
+
+
+def _empty_corpus(tmp_path: Path) -> list:
+    (tmp_path / "empty.txt").write_text("\n")
+    return ["data.source=empty.txt"], "data.source 'empty.txt' holds only empty documents"
+
+
+def _bad_jsonl_line(tmp_path: Path) -> list:
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", \n')
+    return ["stages.1.data.source=sft.jsonl"], "sft.jsonl:2: not valid JSON"
+
+
+def _init_from_without_a_model(tmp_path: Path) -> list:
+    (tmp_path / "no_model").mkdir()
+    return ["stages.0.init_from=no_model"], "stages.0.init_from: no_model has no config.json"
+
+
+def _init_from_truncated_weights(tmp_path: Path) -> list:
+    final = finished_run(tmp_path / "elsewhere") / "pretrain" / "final"
+    weights = final / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return [f"stages.1.init_from={final}"], "model.safetensors is truncated or not a safetensors file"
+
+
+def _init_from_another_shape(tmp_path: Path) -> list:
+    final = finished_run(tmp_path / "elsewhere") / "pretrain" / "final"
+    return [f"stages.0.init_from={final}", "model.n_layer=2"], "do not fit this config (model.n_layer=2 vs 4)"
+
+
+def _runs_dir_is_a_file(tmp_path: Path) -> list:
+    (tmp_path / "a_file").write_text("")
+    return ["runs_dir=a_file/runs"], "a_file is a file, not a directory"
+
+
+@pytest.mark.parametrize(
+    "make", [_empty_corpus, _bad_jsonl_line, _init_from_without_a_model, _init_from_truncated_weights, _init_from_another_shape, _runs_dir_is_a_file]
+)
+def test_a_failed_launch_leaves_nothing_behind(tmp_path, capsys, make):
+    overrides, fragment = make(tmp_path)
+    assert fragment in one_line_error(capsys, "launch", *SHORT, *overrides)
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "a_file" / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_launch_refused_after_ray_started_removes_its_run_directory(tmp_path):
+    """The cluster's capacity is known only once Ray is up; the run directory made by then goes again."""
+    result = raylm("launch", *SHORT, "cluster.cpus_per_worker=4096", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cluster.cpus_per_worker=4096 needs 8192 CPUs" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -92,14 +92,21 @@ def _prefix(args: argparse.Namespace) -> str:
 def cmd_launch(args: argparse.Namespace) -> int:
     run = resolved_config(args)
 
-    from raylm.cluster.connect import start_or_connect
+    from raylm.cluster.connect import choose_address, probe, start_or_connect
     from raylm.launcher import run_dir as rundir
-    from raylm.launcher.stages import run_all
+    from raylm.launcher.stages import check_init_from, prepare_data, run_all
 
+    # Everything a bad input can break is checked before the run directory exists or Ray starts;
+    # what fails later (data, cluster capacity, a worker's start) removes the directory again.
     rundir.reserve(run, _prefix(args))
-    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
-    run_dir = rundir.create(run, _prefix(args))
-    run_all(run_dir, run, info, Console())
+    check_init_from(run)
+    address, chosen_by = choose_address(run.cluster.address, "--address" if args.address else "cluster.address")
+    probe(address, chosen_by)
+    console = Console()
+    with rundir.created(run, _prefix(args)) as run_dir:
+        prepare_data(run_dir, run, console)
+        info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
+        run_all(run_dir, run, info, console)
     return 0
 
 
@@ -138,10 +145,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
         rundir.stage_summary(run_dir, stage.name)  # a damaged one is reported before Ray starts, not after
     rundir.save_config(run_dir, run)
 
-    from raylm.cluster.connect import start_or_connect
+    from raylm.cluster.connect import choose_address, start_or_connect
     from raylm.launcher.stages import run_all
 
-    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
+    address, chosen_by = choose_address(run.cluster.address)
+    info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
     run_all(run_dir, run, info, Console())
     return 0
 
