@@ -14,3 +14,9 @@ class UserError(Exception):
 
 class StageFailed(Exception):
     """A stage ran out of restarts; the message says where its logs are and how to resume."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (some libraries write several), for a UserError to quote."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -31,6 +31,42 @@ TINY_PRETRAIN = [
 ]
 
 
+def one_line_error(capsys, *args: str) -> str:
+    """Run the CLI in this process (what ``python -m raylm.launcher.cli`` exits with); it must exit 2
+    with one 'raylm: error:' line, which is returned. Any other exception escapes, as a traceback would."""
+    from raylm.launcher.cli import main
+
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raylm: error: "), err
+    return lines[0]
+
+
+def finished_run(runs_dir: Path, name: str = "done") -> Path:
+    """A run directory whose one pretrain stage looks finished, made without Ray or training:
+    the tiny model's fresh weights, a byte tokenizer and a summary, where a stage keeps them."""
+    import torch
+
+    from raylm.configs.loader import load_config
+    from raylm.data.tokenizer import train_tokenizer
+    from raylm.launcher import run_dir as rundir
+    from raylm.models.llama import Llama
+    from raylm.models.weights import save_consolidated
+
+    run = load_config("tiny", [f"runs_dir={runs_dir}", f"name={name}", *TINY_PRETRAIN, "data.tokenizer=byte"])
+    run_dir = rundir.create(run, name)
+    final = run_dir / "pretrain" / "final"
+    torch.manual_seed(0)
+    save_consolidated(Llama(run.model).state_dict(), run.model, final)
+    train_tokenizer([], "byte", run.model.vocab_size).save(final)
+    summary = {"stage": "pretrain", "kind": "pretrain", "steps": 5, "final_loss": 5.0, "eval_loss": 5.1, "tokens_per_s": 1.0,
+               "mfu": 0.0, "sample": "The ", "final_dir": str(final)}
+    (run_dir / "pretrain" / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster (127.0.0.1, no dashboard), shared by the session."""

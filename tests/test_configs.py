@@ -107,6 +107,44 @@ def test_bad_yaml_names_the_line(tmp_path: Path):
         load_config(str(path))
 
 
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("model: [1, 2]", "'model' must be a mapping of model.* keys (vocab_size, d_model, n_layer, ...), found a list [1, 2]"),
+        ("model: 5", "'model' must be a mapping of model.* keys (vocab_size, d_model, n_layer, ...), found int 5"),
+        ("train: null", "'train' must be a mapping of train.* keys"),
+        ("logging: {wandb: on}", "'logging.wandb' must be a mapping of logging.wandb.* keys (mode, project, entity, ...), found bool True"),
+        ("stages: {name: x}", "'stages' must be a list"),
+        ("stages: [5]", "'stages.0' must be a mapping of stages.N.* keys (name, kind, init_from, ...), found int 5"),
+        ("stages: [{name: x, kind: pretrain, train: [1]}]", "'stages.0.train' must be a mapping of overrides"),
+        ("stages: [{name: x, kind: pretrain, train: {max_steps: [1]}}]", "'stages.0.train.max_steps' must be an integer, found a list [1]"),
+        ("model: {n_layer: {a: 1}}", "'model.n_layer' must be an integer, found a mapping {'a': 1}"),
+    ],
+)
+def test_a_section_of_the_wrong_shape_names_key_expected_and_found(tmp_path: Path, text, fragment):
+    path = tmp_path / "shape.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(UserError) as err:
+        load_config(str(path))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert "Merge error" not in str(err.value) and "subclass" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model=[1]", "override 'model=[1]': 'model' must be a mapping of model.* keys"),
+        ("stages=5", "'stages' must be a list (e.g. stages=[{name: pretrain, kind: pretrain}]), found int 5"),
+        ("stages.1.optim=0.1", "'stages.1.optim' must be a mapping of overrides"),
+        ("parallel.tp=[2]", "'parallel.tp' must be an integer, found a list [2]"),
+    ],
+)
+def test_an_override_of_the_wrong_shape_names_key_expected_and_found(override, fragment):
+    with pytest.raises(UserError) as err:
+        load_config("tiny", [override])
+    assert fragment in str(err.value)
+
+
 def test_resume_may_change_the_layout_but_not_the_model():
     from raylm.launcher.resume import with_resume_overrides
 

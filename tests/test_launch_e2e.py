@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def default_run(tmp_path_factory) -> Path:
             "train.precision=fp32", "cluster.use_gpu=false",
         ],
         cwd=cwd, capture_output=True, text=True, timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (cwd / "stdout.txt").write_text(result.stdout)
@@ -46,6 +48,11 @@ def test_run_directory_layout(default_run):
         assert (default_run / stage / "loss.png").is_file()
         assert (default_run / stage / "logs" / "rank_000.log").is_file()
     assert sorted(p.name for p in (default_run / "pretrain").glob("step_*")) == ["step_0000006", "step_0000012"]
+
+
+def test_the_console_first_says_which_cluster_and_why(default_run):
+    stdout = (default_run.parent.parent / "stdout.txt").read_text()
+    assert stdout.splitlines()[0].startswith("cluster: embedded local Ray (no --address, no RAY_ADDRESS); 1 node(s)")
 
 
 def test_metrics_and_summary(default_run):

@@ -6,13 +6,17 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
-from raylm.errors import UserError
+from raylm.errors import UserError, first_line
 
 # Ray's own getter returns the machine's routable address unless told that
 # clusters are off; an embedded cluster then lives on 127.0.0.1 only.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+ENV_ADDRESS = "RAY_ADDRESS"
+"""Ray's own variable; Ray sets it for a Ray Job's driver."""
 
 
 @dataclass
@@ -22,6 +26,24 @@ class ClusterInfo:
     nodes: int
     cpus: float
     gpus: float
+    chosen_by: Optional[str] = None
+    """The setting that named the cluster ('--address', 'cluster.address', RAY_ADDRESS); None when embedded."""
+
+    def origin(self) -> str:
+        """Which cluster and how it was chosen, for the console's first line."""
+        if self.embedded:
+            return f"embedded local Ray (no --address, no {ENV_ADDRESS})"
+        return f"{self.address} (from {self.chosen_by})" if self.chosen_by else self.address
+
+
+def choose_address(address: Optional[str], chosen_by: str = "cluster.address") -> Tuple[Optional[str], Optional[str]]:
+    """(address, the setting that gave it) by Ray's conventions: the address given, else
+    RAY_ADDRESS, else (None, None), which means an embedded local cluster."""
+    if address:
+        return address, chosen_by
+    if os.environ.get(ENV_ADDRESS):
+        return os.environ[ENV_ADDRESS], ENV_ADDRESS
+    return None, None
 
 
 def _quiet_env() -> None:
@@ -33,8 +55,13 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
-def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, log_to_driver: bool = False) -> ClusterInfo:
-    """``address`` None starts a local cluster bound to 127.0.0.1 without a dashboard."""
+def start_or_connect(
+    address: Optional[str], local_cpus: Optional[int] = None, log_to_driver: bool = False, chosen_by: str = "cluster.address"
+) -> ClusterInfo:
+    """``address`` None starts a local cluster bound to 127.0.0.1 without a dashboard.
+
+    ``chosen_by`` names the setting the address came from, in errors and in ``ClusterInfo.origin``.
+    """
     _quiet_env()
     if address is None or _is_loopback(address):
         # Read once, when Ray is first imported: set it before that.
@@ -53,16 +80,27 @@ def start_or_connect(address: Optional[str], local_cpus: Optional[int] = None, l
             configure_logging=True,
         )
         return describe(embedded=True)
-    _probe(address)
+    probe(address, chosen_by)
     try:
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot connect to the Ray cluster at cluster.address={address!r} ({first_line}); start it with 'ray start --head' "
-            "or leave the address out to run on an embedded local cluster"
-        ) from None
-    return describe(embedded=False)
+        raise _unreachable(address, chosen_by, first_line(err)) from None
+    info = describe(embedded=False)
+    info.chosen_by = chosen_by
+    return info
+
+
+def _setting(address: str, chosen_by: str) -> str:
+    """How the user wrote the address: ``--address H:6379`` or ``cluster.address='H:6379'``."""
+    return f"{chosen_by} {address}" if chosen_by.startswith("--") else f"{chosen_by}={address!r}"
+
+
+def _unreachable(address: str, chosen_by: str, why: str) -> UserError:
+    leave_out = f"unset {ENV_ADDRESS}" if chosen_by == ENV_ADDRESS else "leave the address out"
+    return UserError(
+        f"cannot connect to the Ray cluster at {_setting(address, chosen_by)} ({why}); start it with 'ray start --head' "
+        f"or {leave_out} to run on an embedded local cluster"
+    )
 
 
 def _host_port(address: str) -> Optional[tuple]:
@@ -79,20 +117,20 @@ def _is_loopback(address: str) -> bool:
     return target is not None and (target[0] in ("localhost", "::1") or target[0].startswith("127."))
 
 
-def _probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes: Ray itself retries an unreachable GCS for a long time."""
+def probe(address: Optional[str], chosen_by: str = "cluster.address", timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes: Ray itself retries an unreachable GCS for a long time.
+    A launch calls it before preparing data, so a wrong address costs nothing; None (embedded) passes."""
+    if address is None:
+        return
     target = _host_port(address)
     if target is None:
         if address != "auto":
-            raise UserError(f"cluster.address={address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+            raise UserError(f"{_setting(address, chosen_by)} is not 'auto', 'host:port' or 'ray://host:port'")
         return
     try:
         socket.create_connection(target, timeout=timeout_s).close()
     except OSError as err:
-        raise UserError(
-            f"cannot connect to the Ray cluster at cluster.address={address!r} ({err.strerror or err}); start it with "
-            "'ray start --head' or leave the address out to run on an embedded local cluster"
-        ) from None
+        raise _unreachable(address, chosen_by, err.strerror or str(err)) from None
 
 
 def describe(embedded: bool) -> ClusterInfo:

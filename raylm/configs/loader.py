@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from dataclasses import fields, is_dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,8 +18,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from raylm.configs.schema import STAGE_SECTIONS, RunConfig, StageConfig
+from raylm.configs.schema import STAGE_SECTIONS, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
+from raylm.files import read_text
 
 DEFAULT_PRESET = "tiny"
 
@@ -54,7 +56,7 @@ def _source_layer(source: str) -> tuple[dict, str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"config file {source} does not exist; give a YAML path or a preset ({', '.join(preset_names())})")
-        return _read_yaml(path.read_text(), str(path)), str(path)
+        return _read_yaml(read_text(path, "give a readable YAML file"), str(path)), str(path)
     hint = difflib.get_close_matches(source, preset_names(), n=1)
     did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
     raise UserError(f"'{source}' is neither a preset nor a YAML file{did_you_mean}; presets: {', '.join(preset_names())}")
@@ -78,6 +80,70 @@ def _did_you_mean(key: str) -> str:
     return f" (did you mean '{hint[0]}'?)" if hint else ""
 
 
+_SCALAR_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _found(value: Any) -> str:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    if isinstance(value, (dict, list)):
+        return f"{'a mapping' if isinstance(value, dict) else 'a list'} {shown}"
+    return "null" if value is None else f"{type(value).__name__} {shown}"
+
+
+def _optional_inner(annotation: Any) -> tuple[bool, Any]:
+    """(whether None is allowed, the type without Optional)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and type(None) in args:
+        return True, next(a for a in args if a is not type(None))
+    return False, annotation
+
+
+def check_shape(value: Any, annotation: Any, key: str, origin: str) -> None:
+    """Refuse a value whose shape (mapping, list or single value) is not the schema's at ``key``.
+
+    OmegaConf would report it in its own terms ("list is not a subclass of
+    ModelConfig"), or not at all; scalar conversions and unknown keys are left to it.
+    """
+    optional, annotation = _optional_inner(annotation)
+    if value is None and optional:
+        return
+    if is_dataclass(annotation):
+        if not isinstance(value, dict):
+            some = ", ".join(f.name for f in fields(annotation)[:3])
+            section = re.sub(r"\.\d+(\.|$)", r".N\1", key)
+            raise UserError(
+                f"{origin}: '{key}' must be a mapping of {section}.* keys ({some}, ...), found {_found(value)}; run 'raylm config keys' to list them"
+            )
+        hints = typing.get_type_hints(annotation)
+        for name, item in value.items():
+            if name in hints:
+                check_shape(item, hints[name], f"{key}.{name}" if key else str(name), origin)
+    elif typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise UserError(f"{origin}: '{key}' must be a list (e.g. {key}=[{{name: pretrain, kind: pretrain}}]), found {_found(value)}")
+        for index, item in enumerate(value):
+            check_shape(item, typing.get_args(annotation)[0], f"{key}.{index}", origin)
+    elif typing.get_origin(annotation) is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{origin}: '{key}' must be a mapping of overrides (e.g. {{max_steps: 10}}), found {_found(value)}")
+    elif annotation in _SCALAR_NAMES and (value is None or isinstance(value, (dict, list))):
+        raise UserError(f"{origin}: '{key}' must be {_SCALAR_NAMES[annotation]}, found {_found(value)}")
+
+
+def _annotation_at(key: str) -> Any:
+    """The schema type at a dotted key (``stages.1.train``), or None where the schema has no such key."""
+    annotation: Any = RunConfig
+    for part in key.split("."):
+        annotation = _optional_inner(annotation)[1]
+        if typing.get_origin(annotation) is list and part.isdigit():
+            annotation = typing.get_args(annotation)[0]
+        elif is_dataclass(annotation):
+            annotation = typing.get_type_hints(annotation).get(part)
+        else:
+            return None
+    return annotation
+
+
 def _explain(err: OmegaConfBaseException, origin: str) -> UserError:
     key = getattr(err, "full_key", None) or ""
     message = str(err).splitlines()[0]
@@ -88,7 +154,8 @@ def _explain(err: OmegaConfBaseException, origin: str) -> UserError:
     return UserError(f"config key '{key}' in {origin}: {message}" if key else f"{origin}: {message}")
 
 
-def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
+def _merge(base: DictConfig, layer: dict, origin: str) -> DictConfig:
+    check_shape(layer, RunConfig, "", origin)
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -105,6 +172,9 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
             value = text
+        annotation = _annotation_at(key)
+        if annotation is not None:
+            check_shape(value, annotation, key, f"override '{item}'")
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
@@ -145,13 +215,32 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def model_config_from(data: dict, origin: str, fix: str) -> ModelConfig:
+    """The ModelConfig stored with weights (a config.json's values), type-checked and validated
+    like a config file's; ``fix`` ends the message when it is not a valid model."""
+    from raylm.configs.validate import validate_model
+
+    try:
+        check_shape(data, ModelConfig, "model", origin)
+        cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data))  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise UserError(f"{_explain(err, origin)}; {fix}") from None
+    except UserError as err:
+        raise UserError(f"{err}; {fix}") from None
+    try:
+        validate_model(RunConfig(model=cfg))
+    except UserError as err:
+        raise UserError(f"{origin}: {err}; {fix}") from None
+    return cfg
+
+
 def to_yaml(run: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(run))
 
 
 def from_yaml_file(path: Path) -> RunConfig:
     """Load a resolved config written by ``to_yaml`` (a run's config.yaml)."""
-    data = _read_yaml(path.read_text(), str(path))
+    data = _read_yaml(read_text(path, "restore the config the run was started with"), str(path))
     return to_run_config(_merge(OmegaConf.structured(RunConfig), data, str(path)))
 
 
@@ -166,6 +255,7 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
     for section in STAGE_SECTIONS:
         override = getattr(stage, section)
         if override:
+            check_shape(override, typing.get_type_hints(RunConfig)[section], f"stages.{index}.{section}", f"stage '{stage.name}'")
             try:
                 merged = OmegaConf.merge(base[section], override)
             except OmegaConfBaseException as err:

@@ -16,7 +16,7 @@ from raylm.data.meta import matches, read_meta
 from raylm.data.packed import PackedTokens, build_packed
 from raylm.data.sft import SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
-from raylm.errors import UserError
+from raylm.errors import UserError, first_line
 
 STAGE_KINDS = ("pretrain", "sft")
 
@@ -31,7 +31,10 @@ def _saved_tokenizer(out_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig
     """The tokenizer saved beside an earlier build, if it is still the one the config asks for."""
     if not (out_dir / TOKENIZER_FILE).is_file():
         return None
-    saved = Tokenizer.load(out_dir)
+    try:
+        saved = Tokenizer.load(out_dir)
+    except UserError:
+        return None  # a damaged copy in a cache: the dataset is rebuilt with a new one
     wanted_size = saved.vocab_size if data_cfg.tokenizer == "byte" else model_cfg.vocab_size
     return saved if saved.kind == data_cfg.tokenizer and saved.vocab_size == wanted_size else None
 
@@ -79,8 +82,11 @@ def prepare_dataset(
         else:
             examples = iter_sft_examples(data_cfg.source)
             meta = build_sft(examples, tokenizer, out_dir, model_cfg.max_seq_len, data_cfg.val_fraction, seed, recipe=recipe)
-    if kind == "pretrain":
-        train, val = (PackedTokens(out_dir / f"{split}.bin", meta["dtype"], model_cfg.max_seq_len) for split in ("train", "val"))
-    else:
-        train, val = SftRows(out_dir, "train"), SftRows(out_dir, "val")
+    try:
+        if kind == "pretrain":
+            train, val = (PackedTokens(out_dir / f"{split}.bin", meta["dtype"], model_cfg.max_seq_len) for split in ("train", "val"))
+        else:
+            train, val = SftRows(out_dir, "train"), SftRows(out_dir, "val")
+    except (OSError, ValueError) as err:  # files removed or truncated after meta.json was written
+        raise UserError(f"the dataset in {out_dir} is damaged ({first_line(err)}); delete {out_dir} to rebuild it from {data_cfg.source}") from None
     return train, val, tokenizer

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Iterator, List
 
 from raylm.errors import UserError
+from raylm.files import read_text
 
 BUILTIN_PYDOC = "builtin:pydoc"
 TEXT_SUFFIXES = (".txt", ".md")
 """Files a directory source contributes."""
 
 GLOB_CHARS = "*?["
+UNUSABLE_FILE = "make it readable UTF-8 text or leave it out of data.source"
 
 
 def pydoc_topics() -> List[tuple]:
@@ -23,16 +25,9 @@ def pydoc_topics() -> List[tuple]:
     return sorted(topics.items())
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 or leave it out of data.source") from e
-
-
 def iter_jsonl(path: Path) -> Iterator[tuple]:
     """(line number, object) of every non-blank line; UserError naming file:line otherwise."""
-    for line_number, line in enumerate(read_text(path).splitlines(), start=1):
+    for line_number, line in enumerate(read_text(path, UNUSABLE_FILE).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -60,7 +55,7 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".jsonl":
         yield from _jsonl_documents(path, text_field)
     else:
-        yield read_text(path)
+        yield read_text(path, UNUSABLE_FILE)
 
 
 def _source_files(source: str) -> List[Path]:

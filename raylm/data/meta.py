@@ -13,9 +13,10 @@ META_FILE = "meta.json"
 def read_meta(out_dir: Path) -> Optional[Dict[str, Any]]:
     """The dataset's meta.json, or None when missing or unreadable (then the dataset is rebuilt)."""
     try:
-        return json.loads((Path(out_dir) / META_FILE).read_text())
+        meta = json.loads((Path(out_dir) / META_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def invalidate(out_dir: Path) -> None:

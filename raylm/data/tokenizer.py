@@ -16,7 +16,7 @@ from typing import Iterable, List, Sequence, Union
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from raylm.errors import UserError
+from raylm.errors import UserError, first_line
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -38,10 +38,10 @@ HF_CONFIG_FILE = "tokenizer_config.json"
 class Tokenizer:
     """A thin wrapper that knows raylm's special tokens."""
 
-    def __init__(self, hf_tokenizer: HFTokenizer):
+    def __init__(self, hf_tokenizer: HFTokenizer, source: str = "the tokenizer", fix: str = "use a tokenizer trained by raylm"):
         missing = [t for t in SPECIAL_TOKENS if hf_tokenizer.token_to_id(t) is None]
         if missing:
-            raise UserError(f"tokenizer lacks raylm's special tokens {', '.join(missing)}; use a tokenizer trained by raylm")
+            raise UserError(f"{source} lacks raylm's special tokens {', '.join(missing)}; {fix}")
         self.hf = hf_tokenizer
         self.eos_id = hf_tokenizer.token_to_id(EOS)
         self.pad_id = hf_tokenizer.token_to_id(PAD)
@@ -90,15 +90,16 @@ class Tokenizer:
         (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Union[str, Path]) -> "Tokenizer":
+    def load(cls, directory: Union[str, Path], fix: str = "point to a directory holding a raylm tokenizer.json") -> "Tokenizer":
+        """The tokenizer.json in ``directory``; ``fix`` ends the message when it is missing or unusable."""
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
-            raise UserError(f"no tokenizer at {path}; point to a directory holding a raylm tokenizer.json")
+            raise UserError(f"no tokenizer at {path}; {fix}")
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a plain Exception for bad files
-            raise UserError(f"{path} is not a valid tokenizer.json ({e}); delete it to train a new one") from e
-        return cls(hf)
+            raise UserError(f"{path} is not a valid tokenizer.json ({first_line(e)}); {fix}") from None
+        return cls(hf, str(path), fix)
 
 
 def _byte_level_tokenizer(model: models.Model) -> HFTokenizer:

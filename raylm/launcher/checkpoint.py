@@ -84,17 +84,17 @@ def verify(root: Path, check_hashes: bool = True) -> Optional[str]:
         return "no manifest (the save did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
         TrainerState(**manifest["state"])
-    except (ValueError, KeyError, TypeError) as err:
+        files = {rel: (int(entry["size"]), entry["sha256"]) for rel, entry in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # anything but the manifest raylm writes
         return f"unreadable manifest ({err})"
-    for rel, entry in files.items():
+    for rel, (size, sha256) in files.items():
         path = root / rel
         if not path.is_file():
             return f"missing shard {rel}"
-        if path.stat().st_size != entry["size"]:
-            return f"shard {rel} has {path.stat().st_size} bytes, manifest says {entry['size']}"
-        if check_hashes and sha256_of(path) != entry["sha256"]:
+        if path.stat().st_size != size:
+            return f"shard {rel} has {path.stat().st_size} bytes, manifest says {size}"
+        if check_hashes and sha256_of(path) != sha256:
             return f"shard {rel} fails its sha256 check"
     return None
 

@@ -20,47 +20,98 @@ from raylm.errors import StageFailed, UserError
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """raylm's parsers: options may stand anywhere among a command's positionals
+    (``raylm launch 1.3b --address H:6379 runs_dir=/x``), which plain argparse
+    refuses after an ``nargs="*"`` list; a usage mistake is a UserError like any other."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        has_subcommands = any(a.nargs == argparse.PARSER for a in self._get_positional_actions())
+        if has_subcommands or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args makes its two passes through this very method.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` that is >= ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        return value
+
+    return parse
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help=f"a YAML file or a preset ({', '.join(preset_names())}); default: tiny")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50 parallel.zero_stage=3")
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[Optional[str], List[str]]:
-    """``raylm launch train.max_steps=5`` means no config and one override."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        return None, [config, *overrides]
-    return config, overrides
+    """The one positional without '=' is the config, wherever it stands (``raylm launch train.max_steps=5 tiny``)."""
+    items = [item for item in (args.config, *args.overrides) if item is not None]
+    configs = [item for item in items if "=" not in item]
+    if len(configs) > 1:
+        raise UserError(f"give one config (a YAML file or a preset), not {' and '.join(repr(c) for c in configs)}; overrides look like key=value")
+    return (configs[0] if configs else None), [item for item in items if "=" in item]
 
 
-def _prefix(config: Optional[str]) -> str:
+def resolved_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig a launch, plan or config show command line describes (nothing is started)."""
+    config, overrides = _split_config_and_overrides(args)
+    if getattr(args, "name", None):
+        overrides.append(f"name={args.name}")
+    if getattr(args, "address", None):
+        overrides.append(f"cluster.address={args.address}")
+    return load_config(config, overrides)
+
+
+def _prefix(args: argparse.Namespace) -> str:
+    """Fresh run names start with the preset or the YAML file's stem."""
+    config = _split_config_and_overrides(args)[0]
     if config is None:
         return "tiny"
     return Path(config).stem if config not in preset_names() else config
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    config, overrides = _split_config_and_overrides(args)
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.address:
-        overrides.append(f"cluster.address={args.address}")
-    run = load_config(config, overrides)
+    run = resolved_config(args)
 
-    from raylm.cluster.connect import start_or_connect
+    from raylm.cluster.connect import choose_address, probe, start_or_connect
     from raylm.launcher import run_dir as rundir
-    from raylm.launcher.stages import run_all
+    from raylm.launcher.stages import check_init_from, prepare_data, run_all
 
-    rundir.reserve(run, _prefix(config))
-    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
-    run_dir = rundir.create(run, _prefix(config))
-    run_all(run_dir, run, info, Console())
+    # Everything a bad input can break is checked before the run directory exists or Ray starts;
+    # what fails later (data, cluster capacity, a worker's start) removes the directory again.
+    rundir.reserve(run, _prefix(args))
+    check_init_from(run)
+    address, chosen_by = choose_address(run.cluster.address, "--address" if args.address else "cluster.address")
+    probe(address, chosen_by)
+    console = Console()
+    with rundir.created(run, _prefix(args)) as run_dir:
+        prepare_data(run_dir, run, console)
+        info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
+        run_all(run_dir, run, info, console)
     return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    config, overrides = _split_config_and_overrides(args)
-    sys.stdout.write(to_yaml(load_config(config, overrides)))
+    sys.stdout.write(to_yaml(resolved_config(args)))
     return 0
 
 
@@ -90,12 +141,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if driver_alive(run_dir):
         raise UserError(f"run {run_dir.name} is still running (its driver is alive); wait for it or stop it first")
     run = with_resume_overrides(rundir.load(run_dir), args.set or [])
+    for stage in run.stages:
+        rundir.stage_summary(run_dir, stage.name)  # a damaged one is reported before Ray starts, not after
     rundir.save_config(run_dir, run)
 
-    from raylm.cluster.connect import start_or_connect
+    from raylm.cluster.connect import choose_address, start_or_connect
     from raylm.launcher.stages import run_all
 
-    info = start_or_connect(run.cluster.address, run.cluster.local_cpus)
+    address, chosen_by = choose_address(run.cluster.address)
+    info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
     run_all(run_dir, run, info, Console())
     return 0
 
@@ -115,7 +169,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for column in ("run", "stage", "state", "step", "last checkpoint", "restarts"):
         table.add_column(column)
     for run_dir in runs:
-        for s in run_status(run_dir):
+        try:
+            stages = run_status(run_dir)
+        except UserError:
+            if args.run:
+                raise
+            # One damaged run must not hide the others; 'raylm status RUN' says what is wrong with it.
+            table.add_row(run_dir.name, "-", f"unreadable ('raylm status {run_dir}' says why)", "-", "-", "-")
+            continue
+        for s in stages:
             table.add_row(run_dir.name, f"{s.name} ({s.kind})", s.state, f"{s.step}/{s.max_steps}", s.last_checkpoint or "-", str(s.restarts))
     console.print(table)
     return 0
@@ -126,8 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from raylm.parallelism.memory import estimate, parse_size
 
-    config, overrides = _split_config_and_overrides(args)
-    run = load_config(config, overrides)
+    run = resolved_config(args)
     bf16 = args.precision == "bf16"
     plan = estimate(run, bf16=bf16)
     p = run.parallel
@@ -163,8 +224,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.inference import generate_text, load_stage
 
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} must be in (0, 1]; e.g. --top-p 0.9, or leave it out")
     stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
     prompts = [args.prompt] if args.prompt is not None else []
     if not prompts and not args.interactive:
         raise UserError("give --prompt TEXT or --interactive")
@@ -214,7 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raylm", description="Pretrain and fine-tune Llama-style models on Ray + DeepSpeed.")
+    parser = _Parser(prog="raylm", description="Pretrain and fine-tune Llama-style models on Ray + DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser("launch", help="run every stage of a config (default: the tiny preset, pretrain -> sft)")
@@ -245,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt")
     generate.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     generate.add_argument("--stage", help="default: the last finished stage")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=40)
-    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    generate.add_argument("--temperature", type=_at_least(0.0, float), default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=_at_least(0), default=40, help="0 keeps every token")
+    generate.add_argument("--top-p", type=float, default=None, help="in (0, 1]; default: off")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--runs-dir", default="runs")
     generate.set_defaults(func=cmd_generate)
@@ -257,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run")
     evaluate.add_argument("--stage", help="default: the last finished stage")
     evaluate.add_argument("--data", help="a corpus (pretrain) or JSONL (sft) to evaluate on instead of the held-out split")
-    evaluate.add_argument("--max-batches", type=int, default=50)
+    evaluate.add_argument("--max-batches", type=_at_least(1), default=50)
     evaluate.add_argument("--runs-dir", default="runs")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -280,9 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as err:
         print(f"raylm: error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ see the run directory.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,11 +48,14 @@ def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
     final_dir = rundir.latest_final(run_dir, run, stage)
     name = final_dir.parent.name
     index = [s.name for s in run.stages].index(name)
-    cfg, state = load_consolidated(final_dir)
+    # A stage whose final/ is gone counts as unfinished; resuming writes it again from the last checkpoint.
+    fix = f"delete {final_dir} and run 'raylm resume {run_dir}' to write it again from the stage's last checkpoint"
+    cfg, state = load_consolidated(final_dir, fix)
+    tokenizer = Tokenizer.load(final_dir, fix)
     model = Llama(cfg)
     model.load_state_dict(state)
     model.eval()
-    return FinishedStage(run, name, run.stages[index].kind, index, final_dir, cfg, model, Tokenizer.load(final_dir))
+    return FinishedStage(run, name, run.stages[index].kind, index, final_dir, cfg, model, tokenizer)
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -107,7 +111,11 @@ def evaluate(stage: FinishedStage, run_dir: Path, data: Optional[str], max_batch
         raise UserError(f"--data {data}: no such file or directory")
     data_cfg = replace(cfg.data, source=data)
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
-        train, val, _ = prepare_dataset(stage.kind, data_cfg, stage.model_cfg, Path(scratch), cfg.train.seed, tokenizer=stage.tokenizer)
+        try:
+            train, val, _ = prepare_dataset(stage.kind, data_cfg, stage.model_cfg, Path(scratch), cfg.train.seed, tokenizer=stage.tokenizer)
+        except UserError as err:
+            # The corpus readers name the setting they read, which here is --data, not the config's data.source.
+            raise UserError(str(err).replace("data.source", "--data")) from None
         return _mean_loss(stage.model, _Concat(train, val), max_batches, batch_size, data)
 
 
@@ -141,7 +149,15 @@ def _mean_loss(model: Llama, reader, max_batches: int, batch_size: int, what: st
 def export_hf(stage: FinishedStage, out: Path) -> Path:
     from raylm.models.hf import save_hf
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    return save_hf(stage.model.state_dict(), stage.model_cfg, out, tokenizer_json_path=stage.final_dir / "tokenizer.json")
+    made = not out.exists()
+    try:
+        return save_hf(stage.model.state_dict(), stage.model_cfg, out, tokenizer_json_path=stage.final_dir / "tokenizer.json")
+    except OSError as err:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable directory") from None
 

@@ -14,19 +14,24 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from raylm.configs.schema import WandbConfig
+from raylm.files import read_text
 
 WANDB_ID_FILE = "wandb_id"
 
 
+def parse_record(line: str) -> Optional[Dict[str, Any]]:
+    """One line's record; None for a torn or foreign line, which readers skip."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_records(path: Path) -> List[Dict[str, Any]]:
-    """Every complete record of a metrics file (a torn last line is skipped)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    """Every complete record of a metrics file (a torn last line, or any line that is not a record, is skipped)."""
+    text = read_text(path, "check the run directory's permissions", errors="replace")
+    return [record for line in text.splitlines() if (record := parse_record(line)) is not None]
 
 
 class MetricsFile:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from raylm.launcher.layout import METRICS_FILE
+from raylm.launcher.metrics import read_records
 
 LOSS_PNG = "loss.png"
 
@@ -18,8 +18,7 @@ def plot_stage_loss(run_dir: Path, stage: str) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
-    mine = [r for r in records if r.get("stage") == stage]
+    mine = [r for r in read_records(run_dir / METRICS_FILE) if r.get("stage") == stage]
     train = [(r["tokens"], r["loss"]) for r in mine if r.get("kind") == "train"]
     evals = [(r["tokens"], r["eval_loss"]) for r in mine if r.get("kind") == "eval"]
     if not train:

@@ -6,7 +6,6 @@ shows exactly what is stored, whichever node rank 0 runs on.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from raylm.launcher.metrics import parse_record
 
 
 class StageProgress:
@@ -65,11 +66,8 @@ class StageProgress:
         complete = chunk[: chunk.rfind("\n") + 1]
         self._offset += len(complete.encode())
         for line in complete.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("stage") == self.stage:
+            record = parse_record(line)
+            if record is not None and record.get("stage") == self.stage:
                 self._show(record)
 
     def _show(self, record: dict) -> None:

@@ -33,10 +33,10 @@ class StageData:
 def _existing_tokenizer(run_dir: Path, run: RunConfig, stage_index: int):
     """The run's tokenizer, else one shipped with the weights the stage starts from."""
     if (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
-        return Tokenizer.load(run_dir / TOKENIZER_DIR)
+        return Tokenizer.load(run_dir / TOKENIZER_DIR, fix="restore it from a finished stage's final/tokenizer.json (every stage shares it)")
     init_from = run.stages[stage_index].init_from
     if init_from and (Path(init_from) / TOKENIZER_FILE).is_file():
-        return Tokenizer.load(Path(init_from))
+        return Tokenizer.load(Path(init_from), fix=f"stages.{stage_index}.init_from needs weights trained with a raylm tokenizer")
     return None
 
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +18,7 @@ from raylm.errors import StageFailed, UserError
 from raylm.launcher import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
-from raylm.launcher.stage_data import prepare_stage_data
+from raylm.launcher.stage_data import StageData, prepare_stage_data
 from raylm.launcher.worker import check_init_weights, initial_weights
 from raylm.launcher.checkpoint import RAY_SNAPSHOT, registered_by_ray
 from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
@@ -44,6 +44,40 @@ def _set_aside_stale_ray_snapshot(stage_dir: Path, console: Console) -> None:
                       "set it aside and resuming from the checkpoints on disk")
 
 
+def _placement(cfg: RunConfig, info: ClusterInfo) -> Tuple[bool, str]:
+    """(whether the stage uses GPUs, its workers in words); refuses a stage the cluster can never place."""
+    use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
+    c = cfg.cluster
+    if c.min_workers is None:
+        check_capacity(c.num_workers, c.cpus_per_worker, use_gpu, info)
+        return use_gpu, f"{c.num_workers} workers"
+    check_capacity(c.min_workers, c.cpus_per_worker, use_gpu, info, key="cluster.min_workers")
+    return use_gpu, f"{c.min_workers}-{c.num_workers} workers (elastic)"
+
+
+def check_init_from(run: RunConfig) -> None:
+    """Every ``stages.N.init_from`` holds weights of this config's shape (their config.json and
+    safetensors headers only), before anything is created."""
+    for index, stage in enumerate(run.stages):
+        if stage.init_from:
+            try:
+                check_init_weights(resolve_stage(run, index), Path(stage.init_from))
+            except UserError as err:
+                raise UserError(f"stages.{index}.init_from: {err}") from None
+
+
+def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> StageData:
+    with console.status(f"[{run.stages[index].name}] preparing tokenizer and data from {resolve_stage(run, index).data.source}"):
+        return prepare_stage_data(run_dir, run, index)
+
+
+def prepare_data(run_dir: Path, run: RunConfig, console: Console) -> None:
+    """Tokenizer and datasets of every stage, before Ray starts: a bad corpus costs seconds, not a
+    cluster start (each stage finds them ready later)."""
+    for index in range(len(run.stages)):
+        _prepared(run_dir, run, index, console)
+
+
 def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, console: Console) -> dict:
     from ray.train import TrainingFailedError
 
@@ -51,19 +85,11 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
 
     stage = run.stages[index]
     cfg = resolve_stage(run, index)
-    use_gpu = wants_gpu(cfg.cluster.use_gpu, info)
-    c = cfg.cluster
-    if c.min_workers is None:
-        check_capacity(c.num_workers, c.cpus_per_worker, use_gpu, info)
-        workers = f"{c.num_workers} workers"
-    else:
-        check_capacity(c.min_workers, c.cpus_per_worker, use_gpu, info, key="cluster.min_workers")
-        workers = f"{c.min_workers}-{c.num_workers} workers (elastic)"
+    use_gpu, workers = _placement(cfg, info)
     init_path = initial_weights(run_dir, run, index)
     if init_path is not None:
         check_init_weights(cfg, init_path)
-    with console.status(f"[{stage.name}] preparing tokenizer and data from {cfg.data.source}"):
-        data = prepare_stage_data(run_dir, run, index)
+    data = _prepared(run_dir, run, index, console)
     console.print(
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
         f"{workers} on {'GPU' if use_gpu else 'CPU'}"
@@ -93,8 +119,12 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
 def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) -> dict:
     """Run every unfinished stage on a connected cluster; a finished stage is never re-run."""
     started = time.time()
-    where = "an embedded local Ray cluster" if info.embedded else f"the Ray cluster at {info.address}"
-    console.print(f"run [bold]{run.name}[/] in {run_dir} on {where} ({info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs)")
+    console.print(f"cluster: {info.origin()}; {info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs")
+    console.print(f"run [bold]{run.name}[/] in {run_dir}")
+    # Every stage still to run must fit the cluster before the first one spends any time.
+    for index, stage in enumerate(run.stages):
+        if not rundir.stage_finished(run_dir, stage.name):
+            _placement(resolve_stage(run, index), info)
     (run_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
     stages: List[Dict] = []
     for index, stage in enumerate(run.stages):

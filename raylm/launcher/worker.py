@@ -37,7 +37,7 @@ from raylm.launcher.stage_data import load_stage_data
 from raylm.launcher.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
-from raylm.models.weights import load_any, model_config_of, save_consolidated
+from raylm.models.weights import check_weights, load_any, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
@@ -126,8 +126,8 @@ def _shape(cfg: ModelConfig) -> Dict[str, object]:
 
 
 def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
-    """Refuse weights whose shape differs from ``cfg.model`` (reads only their config)."""
-    theirs, ours = _shape(model_config_of(init_path)), _shape(cfg.model)
+    """Refuse weights that are incomplete or whose shape differs from ``cfg.model`` (reads their config and headers only)."""
+    theirs, ours = _shape(check_weights(init_path)), _shape(cfg.model)
     differing = [f"model.{k}={ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k]]
     if differing:
         raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")

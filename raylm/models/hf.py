@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from raylm.configs.schema import ModelConfig
 from raylm.errors import UserError
+from raylm.files import read_json
 from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
+from raylm.models.weights import POINT_AT_WEIGHTS, check_shapes, read_safetensors
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -95,18 +97,26 @@ def hf_config(
     }
 
 
-def _config_value(config: Mapping[str, Any], key: str, source: str) -> Any:
-    if key not in config:
+def _config_value(config: Mapping[str, Any], key: str, source: str, default: Any = None, kind: type = int) -> Any:
+    """A number of the config; without ``default`` the key is required."""
+    if key not in config and default is None:
         raise UserError(f"{source} lacks '{key}'; it is not a complete Hugging Face Llama config.json")
-    return config[key]
+    value = config.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise UserError(f"{source} has {key}={value!r}; it must be {'a number' if kind is float else 'an integer'}")
+    return kind(value)
 
 
-def model_config_from_hf(config: Mapping[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
+def model_config_from_hf(config: Mapping[str, Any], source: str = CONFIG_FILE, fix: str = POINT_AT_WEIGHTS) -> ModelConfig:
     """The raylm ``ModelConfig`` of a Hugging Face Llama ``config.json`` dict; refuses what raylm cannot represent."""
+    from raylm.configs.loader import model_config_from
+
     if config.get("model_type") != "llama":
         raise UserError(f"{source} has model_type={config.get('model_type')!r}; only Hugging Face Llama models (model_type 'llama') can be imported")
     rope = config.get("rope_parameters") or {}
-    if config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+    if not isinstance(rope, Mapping) or config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise UserError(f"{source} uses RoPE scaling ({config.get('rope_scaling') or rope}); raylm supports plain RoPE only, pick a model without rope_scaling")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
@@ -115,21 +125,25 @@ def model_config_from_hf(config: Mapping[str, Any], source: str = CONFIG_FILE) -
         raise UserError(f"{source} has hidden_act={config['hidden_act']!r}; raylm's SwiGLU needs 'silu'")
     d_model = _config_value(config, "hidden_size", source)
     n_head = _config_value(config, "num_attention_heads", source)
-    if config.get("head_dim") not in (None, d_model // n_head) or d_model % n_head:
+    if n_head < 1 or config.get("head_dim") not in (None, d_model // n_head) or d_model % n_head:
         raise UserError(f"{source} has head_dim={config.get('head_dim')} with hidden_size={d_model}, num_attention_heads={n_head}; raylm needs head_dim = hidden_size / heads")
-    return ModelConfig(
-        vocab_size=_config_value(config, "vocab_size", source),
-        d_model=d_model,
-        n_layer=_config_value(config, "num_hidden_layers", source),
-        n_head=n_head,
-        n_kv_head=config.get("num_key_value_heads") or n_head,
-        ffn_hidden=_config_value(config, "intermediate_size", source),
-        max_seq_len=_config_value(config, "max_position_embeddings", source),
-        rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        # transformers' LlamaConfig defaults to untied.
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=float(config.get("initializer_range", 0.02)),
+    return model_config_from(
+        {
+            "vocab_size": _config_value(config, "vocab_size", source),
+            "d_model": d_model,
+            "n_layer": _config_value(config, "num_hidden_layers", source),
+            "n_head": n_head,
+            "n_kv_head": _config_value(config, "num_key_value_heads", source, default=n_head),
+            "ffn_hidden": _config_value(config, "intermediate_size", source),
+            "max_seq_len": _config_value(config, "max_position_embeddings", source),
+            "rope_theta": _config_value(config, "rope_theta", source, default=rope.get("rope_theta") or 10000.0, kind=float),
+            "norm_eps": _config_value(config, "rms_norm_eps", source, default=1e-6, kind=float),
+            # transformers' LlamaConfig defaults to untied.
+            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+            "init_std": _config_value(config, "initializer_range", source, default=0.02, kind=float),
+        },
+        source,
+        fix,
     )
 
 
@@ -264,30 +278,36 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def load_hf_dir(directory: Union[str, Path]) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+def hf_model_config(directory: Path, fix: str = POINT_AT_WEIGHTS) -> ModelConfig:
+    """The ModelConfig of a Hugging Face Llama directory's config.json."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.is_file():
+        raise UserError(f"{directory} has no {CONFIG_FILE}; {fix}")
+    return model_config_from_hf(read_json(config_path, fix), str(config_path), fix)
+
+
+def load_hf_dir(directory: Union[str, Path], fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """(config, state dict in raylm names) of a Hugging Face Llama directory of safetensors weights."""
     directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise UserError(f"{directory} has no {CONFIG_FILE}; point at a Hugging Face model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise UserError(f"{config_path} is not valid JSON ({e})") from e
-    cfg = model_config_from_hf(config, source=str(config_path))
+    cfg = hf_model_config(directory, fix)
     hf_sd: Dict[str, torch.Tensor] = {}
-    for weights_file in _weight_files(directory):
-        hf_sd.update(load_file(str(weights_file)))
-    return cfg, from_hf_state_dict(hf_sd, cfg, source=str(directory))
+    for weights_file in hf_weight_files(directory):
+        hf_sd.update(read_safetensors(weights_file, fix))
+    state = from_hf_state_dict(hf_sd, cfg, source=str(directory))
+    check_shapes({name: t.shape for name, t in state.items()}, cfg, str(directory), fix)
+    return cfg, state
 
 
-def _weight_files(directory: Path) -> List[Path]:
+def hf_weight_files(directory: Path) -> List[Path]:
     """model.safetensors, or the shards a model.safetensors.index.json names."""
     if (directory / WEIGHTS_FILE).is_file():
         return [directory / WEIGHTS_FILE]
     index_path = directory / WEIGHTS_INDEX_FILE
     if index_path.is_file():
-        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        weight_map = read_json(index_path, "download it again").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index_path} has no 'weight_map' object; download it again")
+        shards = sorted(set(map(str, weight_map.values())))
         missing = [shard for shard in shards if not (directory / shard).is_file()]
         if missing:
             raise UserError(f"{directory} lacks the shards {', '.join(missing[:3])} its {WEIGHTS_INDEX_FILE} names; download them too")

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from raylm.configs.schema import ModelConfig
-from raylm.errors import UserError
+from raylm.errors import UserError, first_line
+from raylm.files import read_json
+from raylm.models.llama import Llama
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -30,44 +33,107 @@ def save_consolidated(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, out
     (out_dir / CONFIG).write_text(json.dumps({"format": "raylm", "model": asdict(cfg)}, indent=2))
 
 
+POINT_AT_WEIGHTS = "point at a complete raylm final/ or Hugging Face Llama directory"
+"""What to do about a weights directory that cannot be used, unless the caller knows better."""
+
+
 def is_raylm_dir(path: Path) -> bool:
     try:
         return json.loads((path / CONFIG).read_text()).get("format") == "raylm"
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 
-def _raylm_model_config(path: Path) -> ModelConfig:
-    raw = json.loads((path / CONFIG).read_text())["model"]
+def _raylm_model_config(path: Path, fix: str) -> ModelConfig:
+    from raylm.configs.loader import model_config_from
+
+    raw = read_json(path / CONFIG, fix).get("model")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path / CONFIG} has no 'model' mapping; {fix}")
     known = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    return model_config_from({k: v for k, v in raw.items() if k in known}, str(path / CONFIG), fix)
 
 
-def model_config_of(path: Path) -> ModelConfig:
+def model_config_of(path: Path, fix: str = POINT_AT_WEIGHTS) -> ModelConfig:
     """The model shape stored with weights (raylm final/ or Hugging Face), without loading them."""
     if is_raylm_dir(path):
-        return _raylm_model_config(path)
-    from raylm.models.hf import model_config_from_hf
+        return _raylm_model_config(path, fix)
+    from raylm.models.hf import hf_model_config
 
-    if not (path / CONFIG).is_file():
-        raise UserError(f"{path} has no {CONFIG}; point at a raylm final/ or Hugging Face Llama directory")
-    return model_config_from_hf(json.loads((path / CONFIG).read_text()), source=str(path / CONFIG))
+    return hf_model_config(path, fix)
 
 
-def load_consolidated(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+def read_safetensors(path: Path, fix: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or foreign file is a UserError naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err, fix) from None
+
+
+def _header_shapes(path: Path, fix: str) -> Dict[str, Tuple[int, ...]]:
+    """name -> shape from a safetensors header alone (it is checked against the file's size, no tensor is read)."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err, fix) from None
+
+
+def _unreadable(path: Path, err: BaseException, fix: str) -> UserError:
+    if isinstance(err, OSError):
+        return UserError(f"cannot read {path} ({err.strerror or err}); {fix}")
+    return UserError(f"{path} is truncated or not a safetensors file ({first_line(err)}); {fix}")
+
+
+def check_shapes(shapes: Mapping[str, Sequence[int]], cfg: ModelConfig, source: str, fix: str) -> None:
+    """Refuse weights (raylm names -> shapes) that are not exactly ``Llama(cfg)``'s, before ``load_state_dict`` would fail."""
+    with torch.device("meta"):  # shapes without allocating a model
+        expected = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
+    if cfg.tie_embeddings and TIED_HEAD not in shapes and "tok_embeddings.weight" in shapes:
+        shapes = {**shapes, TIED_HEAD: shapes["tok_embeddings.weight"]}
+    problems = [f"{name} is missing" for name in expected if name not in shapes]
+    problems += [f"{name} is not in the model" for name in shapes if name not in expected]
+    problems += [f"{name} is {list(shapes[name])}, the config needs {list(shape)}"
+                 for name, shape in expected.items() if name in shapes and tuple(shapes[name]) != shape]
+    if problems:
+        raise UserError(f"the weights in {source} do not match their {CONFIG} ({'; '.join(problems[:3])}); {fix}")
+
+
+def check_weights(path: Path, fix: str = POINT_AT_WEIGHTS) -> ModelConfig:
+    """The model config stored with weights, once every weight file's header shows that model's
+    tensors (no tensor is read: cheap enough to check before a launch creates anything)."""
+    cfg = model_config_of(path, fix)
+    if is_raylm_dir(path):
+        if not (path / WEIGHTS).is_file():
+            raise UserError(f"{path} has {CONFIG} but no {WEIGHTS}; {fix}")
+        shapes = _header_shapes(path / WEIGHTS, fix)
+    else:
+        from raylm.models.hf import from_hf_state_dict, hf_weight_files
+
+        hf_shapes: Dict[str, Tuple[int, ...]] = {}
+        for weights_file in hf_weight_files(path):
+            hf_shapes.update(_header_shapes(weights_file, fix))
+        shapes = from_hf_state_dict(hf_shapes, cfg, source=str(path))
+    check_shapes(shapes, cfg, str(path), fix)
+    return cfg
+
+
+def load_consolidated(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; point at a stage's final/ directory")
-    cfg = _raylm_model_config(path)
-    state = load_file(str(path / WEIGHTS))
-    if cfg.tie_embeddings:
+        raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; {fix}")
+    cfg = _raylm_model_config(path, fix)
+    state = read_safetensors(path / WEIGHTS, fix)
+    if cfg.tie_embeddings and "tok_embeddings.weight" in state:
         state[TIED_HEAD] = state["tok_embeddings.weight"]
+    check_shapes({name: t.shape for name, t in state.items()}, cfg, str(path), fix)
     return cfg, state
 
 
-def load_any(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """Weights from a raylm final/ directory or a Hugging Face Llama directory."""
+def load_any(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """Weights from a raylm final/ directory or a Hugging Face Llama directory, checked against their config."""
     if is_raylm_dir(path):
-        return load_consolidated(path)
+        return load_consolidated(path, fix)
     from raylm.models.hf import load_hf_dir
 
-    return load_hf_dir(path)
+    return load_hf_dir(path, fix)

@@ -1,0 +1,32 @@
+"""Reading the files raylm depends on: a missing, unreadable or damaged one is a
+``UserError`` that names the file and what to do, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from raylm.errors import UserError
+
+
+def read_text(path: Path, fix: str, errors: str = "strict") -> str:
+    """The UTF-8 text of ``path``; ``fix`` ends the message when it cannot be read
+    (``errors="replace"`` for files whose damaged lines the reader skips)."""
+    try:
+        return Path(path).read_text(encoding="utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); {fix}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); {fix}") from None
+
+
+def read_json(path: Path, fix: str, expect: type = dict) -> Any:
+    """The JSON value of ``path``, which must be an ``expect`` (an object by default)."""
+    try:
+        value = json.loads(read_text(path, fix))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); {fix}") from None
+    if not isinstance(value, expect):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not {'an object' if expect is dict else expect.__name__}; {fix}")
+    return value
