@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from numerics import longest_reduction, model_depth, worst_case
+
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.data.corpus import BUILTIN_PYDOC, iter_documents
 from raylm.data.tokenizer import ASSISTANT, END, USER, train_tokenizer
@@ -322,12 +324,14 @@ def test_eval_on_sft_data_scores_only_the_responses(finished, tmp_path, capsys):
             all_losses.append(per_token)
     by_hand = torch.cat(response_losses).mean().item()
     everything = torch.cat(all_losses).mean().item()
-    assert reported["loss"] == pytest.approx(by_hand, rel=1e-5)
+    # raylm scores the rows as one padded batch, the hand computation row by row: the same sums, reordered.
+    rel = worst_case(longest_reduction(stage.model_cfg, len(rows) * stage.model_cfg.max_seq_len)) * model_depth(stage.model_cfg)
+    assert reported["loss"] == pytest.approx(by_hand, rel=rel)
     assert abs(reported["loss"] - everything) > 1e-3
 
 
-@pytest.mark.parametrize("option, value", [("--top-k", "0"), ("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1")])
+@pytest.mark.parametrize("option, value", [("--top-k", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1")])
 def test_impossible_sampling_settings_are_one_line_errors(finished, capsys, option, value):
     assert main(["generate", str(finished), "--prompt", "Hi", option, value]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"raylm: error: {option} ") and err.count("\n") == 1
+    assert err.startswith("raylm: error: ") and option in err and err.count("\n") == 1

@@ -224,8 +224,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.inference import generate_text, load_stage
 
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p} must be in (0, 1]; e.g. --top-p 0.9, or leave it out")
     stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
     prompts = [args.prompt] if args.prompt is not None else []

@@ -59,7 +59,8 @@ def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    """Refuse sampling settings the sampler cannot honour (a top-k of 0 would keep no token at all)."""
+    """Refuse sampling settings the sampler cannot honour (a top-k below 1 would keep no token at all;
+    the CLI's ``--top-k 0`` means no top-k and arrives here as None)."""
     if temperature < 0:
         raise UserError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
