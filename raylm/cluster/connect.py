@@ -122,6 +122,11 @@ def probe(address: Optional[str], chosen_by: str = "cluster.address", timeout_s:
     A launch calls it before preparing data, so a wrong address costs nothing; None (embedded) passes."""
     if address is None:
         return
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"{_setting(address, chosen_by)} is a Ray dashboard (Jobs) address; run there with 'raylm submit --address {address}', "
+            "or give the cluster's GCS address (host:6379)"
+        )
     target = _host_port(address)
     if target is None:
         if address != "auto":

@@ -38,16 +38,16 @@ def client(address: Optional[str]):
         raise UserError(f"cannot reach Ray Jobs at --address {chosen}: {reason[:200]}{auth}; check the head's dashboard address and port") from None
 
 
-def submit(address: Optional[str], launch_args: List[str], submission_id: str) -> str:
-    """Submit ``raylm launch <launch_args>`` as a Ray Job; returns the job id.
+def submit(address: Optional[str], launch_args: List[str], submission_id: str, working_dir: str) -> str:
+    """Submit ``raylm launch <launch_args>`` as a Ray Job run in (a copy of) ``working_dir``; returns the job id.
 
-    No runtime_env: secrets passed there show on the dashboard, so the driver takes its W&B key and
-    storage credentials from the head node's environment, as workers do from theirs.
+    Nothing but files goes into the runtime_env: secrets there show on the dashboard, so the driver takes its
+    W&B key and storage credentials from the head node's environment, as workers do from theirs.
     """
     entrypoint = shlex.join(["raylm", "launch", *launch_args])
     jobs = client(address)
     try:
-        return jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id)
+        return jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"working_dir": working_dir})
     except RuntimeError as err:
         raise UserError(f"Ray refused the job {submission_id}: {str(err).strip().splitlines()[0][:300]}") from None
 

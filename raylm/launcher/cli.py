@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -96,6 +97,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.stages import check_init_from, prepare_data, run_all
 
+    if args.resume_if_exists:
+        if run.name is None:
+            raise UserError("--resume-if-exists needs --name (or name=): the run a relaunch continues")
+        existing = Path(run.runs_dir) / run.name
+        if existing.exists():
+            from raylm.launcher.resume import relaunch_config
+
+            run_dir = rundir.locate(str(existing))
+            _continue(run_dir, relaunch_config(rundir.load(run_dir), run), "--address" if args.address else "cluster.address")
+            return 0
     # Everything a bad input can break is checked before the run directory exists or Ray starts;
     # what fails later (data, cluster capacity, a worker's start) removes the directory again.
     rundir.reserve(run, _prefix(args))
@@ -138,19 +149,67 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from raylm.launcher.status import driver_alive
 
     run_dir = rundir.locate(args.run, args.runs_dir)
+    _continue(run_dir, with_resume_overrides(rundir.load(run_dir), args.set or []))
+    return 0
+
+
+def _continue(run_dir: Path, run: RunConfig, address_setting: str = "cluster.address") -> None:
+    """Run a run's unfinished stages from their last complete checkpoints (resume, or a relaunch of an existing run)."""
+    from raylm.cluster.connect import choose_address, start_or_connect
+    from raylm.launcher import run_dir as rundir
+    from raylm.launcher.stages import run_all
+    from raylm.launcher.status import driver_alive
+
     if driver_alive(run_dir):
         raise UserError(f"run {run_dir.name} is still running (its driver is alive); wait for it or stop it first")
-    run = with_resume_overrides(rundir.load(run_dir), args.set or [])
     for stage in run.stages:
         rundir.stage_summary(run_dir, stage.name)  # a damaged one is reported before Ray starts, not after
     rundir.save_config(run_dir, run)
-
-    from raylm.cluster.connect import choose_address, start_or_connect
-    from raylm.launcher.stages import run_all
-
-    address, chosen_by = choose_address(run.cluster.address)
+    address, chosen_by = choose_address(run.cluster.address, address_setting)
     info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
     run_all(run_dir, run, info, Console())
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Validate here, then run ``raylm launch`` as a Ray Job: the driver lives on the head node."""
+    import tempfile
+
+    from raylm.cluster import jobs
+    from raylm.launcher import run_dir as rundir
+
+    config, overrides = _split_config_and_overrides(args)
+    run = load_config(config, [*overrides, *([f"name={args.name}"] if args.name else [])])
+    if not Path(run.runs_dir).is_absolute():
+        raise UserError(
+            f"runs_dir={run.runs_dir} is relative, and a Ray Job's driver runs in a scratch directory on the head node; "
+            "give runs_dir=/absolute/path on storage every node sees"
+        )
+    run.name = run.name or rundir.fresh_name(_prefix(args), Path(run.runs_dir))
+    with tempfile.TemporaryDirectory(prefix="raylm-submit-") as scratch:
+        # The resolved config travels as the job's working_dir (Ray uploads it), so a local YAML file needs no copy there.
+        (Path(scratch) / "run.yaml").write_text(to_yaml(run))
+        launch_args = ["run.yaml", "--name", run.name, *(["--resume-if-exists"] if args.resume_if_exists else [])]
+        # A resubmission of the same run is another job: Ray refuses a submission id twice.
+        job_id = jobs.submit(args.address, launch_args, f"raylm-{run.name}-{time.strftime('%Y%m%d-%H%M%S')}", working_dir=scratch)
+    address = f" --address {args.address}" if args.address else ""
+    print(f"submitted run {run.name} as Ray job {job_id}; runs_dir={run.runs_dir}")
+    print(f"follow it: raylm logs {job_id}{address} --follow    stop it: raylm stop {job_id}{address}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from raylm.cluster import jobs
+
+    state = jobs.print_logs(args.address, args.job, args.follow)
+    print(f"raylm: job {args.job} is {state}", file=sys.stderr)
+    return 0 if state != "FAILED" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from raylm.cluster import jobs
+
+    stopped = jobs.stop(args.address, args.job)
+    print(f"stopping Ray job {args.job}" if stopped else f"Ray job {args.job} had already ended")
     return 0
 
 
@@ -281,8 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="run every stage of a config (default: the tiny preset, pretrain -> sft)")
     _config_args(launch)
     launch.add_argument("--name", help="run name (directory under runs/); default: <config>-<time>")
-    launch.add_argument("--address", help="an existing Ray cluster ('auto', 'host:6379', 'ray://host:10001'); default: start a local one")
+    launch.add_argument("--address", help="an existing Ray cluster ('auto', 'host:6379', 'ray://host:10001'); default: RAY_ADDRESS, else start a local one")
+    launch.add_argument("--resume-if-exists", action="store_true",
+                        help="if run --name exists, continue it from its last complete checkpoint (its config must match but for safe keys)")
     launch.set_defaults(func=cmd_launch)
+
+    jobs_address = "the head's Ray dashboard, e.g. http://HEAD:8265; default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS"
+    submit = sub.add_parser("submit", help="run a launch as a Ray Job on a cluster (the terminal may close)")
+    _config_args(submit)
+    submit.add_argument("--name", help="run name; default: <config>-<time>")
+    submit.add_argument("--address", help=jobs_address)
+    submit.add_argument("--resume-if-exists", action="store_true", help="a resubmission continues run --name")
+    submit.set_defaults(func=cmd_submit)
+
+    logs = sub.add_parser("logs", help="print a submitted job's driver output")
+    logs.add_argument("job")
+    logs.add_argument("--follow", action="store_true", help="until the job ends")
+    logs.add_argument("--address", help=jobs_address)
+    logs.set_defaults(func=cmd_logs)
+
+    stop = sub.add_parser("stop", help="stop a submitted job (continue it later with --resume-if-exists)")
+    stop.add_argument("job")
+    stop.add_argument("--address", help=jobs_address)
+    stop.set_defaults(func=cmd_stop)
 
     resume = sub.add_parser("resume", help="continue a stopped or failed run from its last complete checkpoint")
     resume.add_argument("run", help="a run directory or a run name under --runs-dir")

@@ -1,0 +1,138 @@
+"""`raylm submit / logs / stop` against a real Ray head (dashboard on 127.0.0.1, token authentication on),
+and a relaunch with --resume-if-exists that continues the stopped run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_PRETRAIN
+from faults import latest_step
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _free_ports(n: int) -> list:
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head started the way a cluster admin would (``ray start --head``), on loopback, with token auth;
+    its processes form one process group that the fixture ends (never ``ray stop``: other clusters run here)."""
+    home = tmp_path_factory.mktemp("head")
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+    token = home / "auth_token"
+    token.write_text("raylm-test-token-" + os.urandom(8).hex())
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the node's address is 127.0.0.1
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `raylm` for the job's driver
+        "WANDB_MODE": "disabled",
+    }
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(runtime_env), "--num-cpus", "4", "--temp-dir", str(home / "ray")],
+        env=env, stdout=open(home / "ray_start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    client_env = {**env, "RAY_ADDRESS": address}
+    deadline = time.time() + 120
+    while subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", address],
+                         env=client_env, capture_output=True).returncode != 0:
+        assert process.poll() is None, (home / "ray_start.log").read_text()[-3000:]
+        assert time.time() < deadline, "the Ray head's dashboard did not answer within 120 s"
+        time.sleep(1)
+    yield address, client_env
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def raylm(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _wait_for(condition, what: str, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, tmp_path):
+    address, env = head
+    runs = tmp_path / "runs"
+    overrides = [o for o in TINY_PRETRAIN if not o.startswith("logging.wandb")] + [f"runs_dir={runs}", "logging.wandb.mode=disabled"]
+
+    # Without the token the cluster refuses the client; the error says how to pass it the Ray way.
+    tokenless = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    refused = raylm("submit", "tiny", "--address", address, *overrides, env=tokenless, cwd=tmp_path)
+    assert refused.returncode == 2 and "RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
+
+    # A finished job: its logs end with the summary, its results are in storage.
+    done = _submit(env, tmp_path, "tiny", "--address", address, "--name", "done", *overrides)
+    followed = raylm("logs", done, "--follow", env=env, cwd=tmp_path)  # the address from RAY_ADDRESS
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-2000:]
+    assert "cluster: 127.0.0.1:" in followed.stdout and "(from RAY_ADDRESS)" in followed.stdout
+    assert "perplexity" in followed.stdout and f"job {done} is SUCCEEDED" in followed.stderr
+    assert json.loads((runs / "done" / "summary.json").read_text())["stages"][0]["steps"] == 5
+
+    # A long job, stopped mid-stage once it has a checkpoint, then continued by resubmitting the same command.
+    long_run = ["tiny", "--name", "stopped", "--resume-if-exists", *overrides, "train.max_steps=40", "train.ckpt_every=4", "train.log_every=1"]
+    first = _submit(env, tmp_path, *long_run)
+    run_dir = runs / "stopped"
+    _wait_for(lambda: latest_step(run_dir) >= 6, "step 6 of the long job")
+    stopped = raylm("stop", first, env=env, cwd=tmp_path)
+    assert stopped.returncode == 0 and "stopping" in stopped.stdout, stopped.stderr
+    _wait_for(lambda: f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr, "the job to stop")
+    assert not (run_dir / "pretrain" / "final").exists()
+
+    second = _submit(env, tmp_path, *long_run)
+    followed = raylm("logs", second, "--follow", env=env, cwd=tmp_path)
+    assert f"job {second} is SUCCEEDED" in followed.stderr, followed.stdout[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 4
+    assert json.loads((run_dir / "summary.json").read_text())["stages"][0]["steps"] == 40
+
+    # A relaunch with another model is refused before anything runs, naming the key.
+    local = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    changed = raylm("launch", *long_run, "model.n_layer=2", env=local, cwd=tmp_path)
+    assert changed.returncode == 2 and "model.n_layer" in changed.stderr and "Traceback" not in changed.stderr
+    # The dashboard address is not a cluster address for a launch: the error says what to use instead.
+    misdirected = raylm("launch", "tiny", *overrides, env=env, cwd=tmp_path)
+    assert misdirected.returncode == 2 and "raylm submit" in misdirected.stderr
+
+
+def _submit(env: dict, cwd: Path, *args: str) -> str:
+    """The job id ``raylm submit`` prints."""
+    submitted = raylm("submit", *args, env=env, cwd=cwd)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.search(r"as Ray job (\S+);", submitted.stdout).group(1)
+    assert f"raylm logs {job}" in submitted.stdout
+    return job
