@@ -29,7 +29,7 @@ from raylm.errors import UserError
 from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
 from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.launcher.metrics import MetricsFile, WandbRun, read_records
-from raylm.launcher.mfu import measure_matmul_peak, mfu
+from raylm.launcher.mfu import Peak, configured_peak, measured_peak, mfu
 from raylm.launcher.schedule import lr_factor
 from raylm.launcher.session import Session
 from raylm.launcher.sample import sample_text
@@ -374,9 +374,9 @@ class StageTrainer:
 
     def _run_loop(self) -> Dict:
         t = self.cfg.train
-        peak = (self.cfg.logging.mfu_peak_tflops or 0) * 1e12 or measure_matmul_peak(
-            self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32
-        )
+        # Every rank measures, though only rank 0 reports: all at once, the cores are shared as in training.
+        peak_tflops = self.cfg.logging.mfu_peak_tflops
+        peak = configured_peak(peak_tflops) if peak_tflops else measured_peak(self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
         self.resume()
         start_step = self.state.step
         self._log_restart(start_step)
@@ -400,7 +400,7 @@ class StageTrainer:
             if self._due(t.log_every):
                 tokens_per_s = window_tokens / window_time
                 last["tokens_per_s"] = tokens_per_s
-                last["mfu"] = mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size)
+                last["mfu"] = mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size)
                 self.log({
                     "step": self.state.step, "kind": "train", "loss": loss, "lr": self.engine.get_lr()[0],
                     "grad_norm": _float_or_nan(self.engine.get_global_grad_norm()), "tokens_per_s": tokens_per_s,
@@ -419,7 +419,7 @@ class StageTrainer:
             last["eval_loss"] = self.evaluate()
         return self.finish(last, train_tokens / train_time if train_time else last["tokens_per_s"], peak)
 
-    def finish(self, last: Dict, tokens_per_s: float, peak: float) -> Dict:
+    def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
         full_state = self.par.consolidated_state_dict(self.engine)
         summary: Dict = {}
@@ -432,8 +432,8 @@ class StageTrainer:
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
                 "perplexity": math.exp(min(last["eval_loss"], 50.0)) if math.isfinite(last["eval_loss"]) else None,
-                "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size),
-                "peak_tflops_per_worker": peak / 1e12, "sample": sample, "final_dir": str(final_dir),
+                "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
+                **peak.summary(), "sample": sample, "final_dir": str(final_dir),
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
