@@ -41,7 +41,7 @@ from raylm.models.weights import load_any, model_config_of, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
-from raylm.parallelism.topology import Topology
+from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
 
@@ -380,8 +380,11 @@ class StageTrainer:
         self.resume()
         start_step = self.state.step
         self._log_restart(start_step)
+        # The longest any of raylm's groups lets a collective wait, read back from the live groups.
+        pg_timeout_s = max(group_timeout_s(g, self.ctx.device) for g in [dist.group.WORLD, *self.par.groups.groups()])
         self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
-                  "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage})
+                  "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
+                  "pg_timeout_s": pg_timeout_s})
         last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
         window_tokens, window_time = 0, 0.0
         train_time, train_tokens = 0.0, 0
