@@ -1,13 +1,21 @@
 """The embedded cluster stays on loopback; TP groups never span nodes (on a real multi-node cluster: test_elastic)."""
 
+import ipaddress
+import re
+import threading
+
 import pytest
 
+from conftest import TINY_PRETRAIN, launch_in_process, read_metrics
 from raylm.cluster.placement import check_tp_placement, tp_groups_split_across_nodes
 from raylm.errors import UserError
 from raylm.parallelism.topology import Topology
 
+HANG_TIMEOUT_S = 123  # no default: the process groups must carry exactly this
+
 
 @pytest.mark.slow
+@pytest.mark.timeout(60)
 def test_embedded_cluster_lives_on_loopback(ray_cluster):
     import ray
 
@@ -18,6 +26,69 @@ def test_embedded_cluster_lives_on_loopback(ray_cluster):
         return ray.util.get_node_ip_address()
 
     assert ray.get(worker_ip.remote()) == "127.0.0.1"
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # gRPC's dual-stack sockets show 127.0.0.1 as ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def _listening(root) -> set:
+    """(pid, ip, port) of every listening TCP socket of ``root`` and its descendants (Ray's processes, the workers)."""
+    import psutil
+
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            found |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # a process that ended between the listing and the look
+    return found
+
+
+@pytest.fixture(scope="module")
+def watched_run(ray_cluster, tmp_path_factory):
+    """A 2-worker run on the embedded cluster, with every socket this process tree listened on while it ran."""
+    import psutil
+
+    root, seen, done = psutil.Process(), set(), threading.Event()
+
+    def watch():
+        while not done.wait(0.2):
+            seen.update(_listening(root))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_dir = launch_in_process(tmp_path_factory.mktemp("watched"), "watched",
+                                    [*TINY_PRETRAIN, "train.max_steps=3", f"fault.hang_timeout_s={HANG_TIMEOUT_S}"])
+    finally:
+        done.set()
+        watcher.join()
+    return run_dir, seen
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_embedded_run_listens_on_loopback_only(watched_run):
+    """The process-group store, gloo's pairs and Ray's servers: nothing reachable from another machine."""
+    run_dir, seen = watched_run
+    exposed = sorted((ip, port, pid) for pid, ip, port in seen if not _is_loopback(ip))
+    assert not exposed, f"listening beyond loopback (ip, port, pid): {exposed}"
+    # The watch saw the run's process group, not only what listened before and after it.
+    store = re.search(r"process-group store on (\S+):(\d+)", (run_dir / "pretrain" / "logs" / "rank_000.log").read_text())
+    assert store is not None
+    assert (store.group(1), int(store.group(2))) in {(ip, port) for _, ip, port in seen}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_process_group_timeout_is_the_hang_timeout(watched_run):
+    """Read back from the live groups of a real Ray run: the default group and raylm's tp/dp/pp groups."""
+    run_dir, _ = watched_run
+    (start,) = read_metrics(run_dir, kind="start")
+    assert start["pg_timeout_s"] == HANG_TIMEOUT_S
 
 
 def test_tp_groups_on_one_node_pass():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def _gathered_grads(model: nn.Module, tp_group, tp: int) -> dict:
 
 
 def _check_llama(rank: int, world_size: int, tie_embeddings: bool) -> None:
-    groups = build_groups(Topology.for_world(world_size, 1, world_size), rank)
+    groups = build_groups(Topology.for_world(world_size, 1, world_size), rank, timedelta(seconds=60))
     tp = world_size
     torch.manual_seed(0)
     dense = Llama(tiny_config(tie_embeddings))

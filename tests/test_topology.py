@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from gloo_spawn import run_on_gloo
 from raylm.errors import UserError
-from raylm.parallelism.topology import Mpu, Topology, build_groups
+from raylm.parallelism.topology import Mpu, Topology, build_groups, group_timeout_s
 
 LAYOUTS = [(2, 2, 2), (1, 1, 4), (4, 1, 2), (2, 3, 1), (1, 2, 3), (3, 2, 2)]
 
@@ -54,7 +56,7 @@ def test_errors_name_every_degree(tp, pp, world, expected):
 
 def _check_groups(rank: int, world_size: int) -> None:
     topology = Topology.for_world(2, 2, world_size)
-    groups = build_groups(topology, rank)
+    groups = build_groups(topology, rank, timedelta(seconds=77))
     pp_rank, dp_rank, tp_rank = topology.coords(rank)
     assert (groups.pp_rank, groups.dp_rank, groups.tp_rank) == (pp_rank, dp_rank, tp_rank)
     assert groups.tp_ranks == [r for r in range(8) if r // 2 == rank // 2]
@@ -67,6 +69,8 @@ def _check_groups(rank: int, world_size: int) -> None:
         total = torch.tensor([float(rank)])
         dist.all_reduce(total, group=group)
         assert total.item() == sum(members)
+        # A collective waits as long as in the default group (fault.hang_timeout_s), not torch's 30-minute default.
+        assert group_timeout_s(group, torch.device("cpu")) == 77
 
     mpu = Mpu(groups)
     assert (mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()) == (2, tp_rank)

@@ -112,7 +112,7 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = _f(WandbConfig(), "Weights & Biases settings.")
     progress: bool = _f(True, "Show a live progress bar on the console.")
-    mfu_peak_tflops: Optional[float] = _f(None, "Peak TFLOP/s per worker for MFU; null measures the matmul peak of the worker's device at start.")
+    mfu_peak_tflops: Optional[float] = _f(None, "Peak TFLOP/s per worker for MFU (a datasheet's dense peak makes MFU comparable across machines); null measures the best square matmul of the worker's device at start.")
 
 
 @dataclass

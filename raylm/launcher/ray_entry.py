@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -46,32 +47,54 @@ def _check_placement(tp: int, pp: int) -> None:
     check_tp_placement(node_of_rank, Topology.for_world(tp, pp, dist.get_world_size()).all_tp_groups())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+def _pin_collectives_to(node_ip: str) -> None:
+    """On a cluster that lives on loopback (the embedded one) keep gloo's and NCCL's sockets there too.
+
+    Both pick an interface of their own: gloo the address the hostname
+    resolves to (often the machine's routable one), NCCL one that is not
+    loopback. Both take an interface name; one set by the user wins.
+    """
+    import psutil
+
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == node_ip for a in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return
 
 
-def _keep_ranks_below(active: int, cfg: RunConfig) -> bool:
-    """Replace Ray's process group by one over ranks [0, active); True on those ranks.
+def _join_process_group(backend: str, cfg: RunConfig, rank: int, active: int) -> bool:
+    """Create the default process group over ranks [0, ``active``); True on those ranks.
 
-    An elastic restart may start a worker count that no whole number of
-    tp x pp replicas splitting the global batch fills (7 workers with tp=2,
-    say); DeepSpeed needs the default group to be exactly the training ranks.
+    raylm, not Ray Train, creates it: torch's own rendezvous makes rank 0's
+    TCPStore listen on every interface, while here rank 0 opens the store's
+    socket on its node's address only (127.0.0.1 on the embedded cluster) and
+    hands it to the store. ``active`` is below the worker count after an elastic
+    restart that started a worker count no whole number of tp x pp replicas
+    splitting the global batch fills (7 workers with tp=2, say): DeepSpeed
+    needs the default group to be exactly the training ranks.
     """
     import ray
     import torch.distributed as dist
+    from ray.train.collective import broadcast_from_rank_zero
 
-    rank, backend = dist.get_rank(), dist.get_backend()
-    rendezvous: list = [(ray.util.get_node_ip_address(), _free_port()) if rank == 0 else None]
-    dist.broadcast_object_list(rendezvous, src=0)
-    dist.destroy_process_group()
+    node_ip = ray.util.get_node_ip_address()
+    listener = socket.create_server((node_ip, 0), family=socket.AF_INET6 if ":" in node_ip else socket.AF_INET) if rank == 0 else None
+    host, port = broadcast_from_rank_zero((node_ip, listener.getsockname()[1]) if listener else None)  # a barrier of every worker
     if rank >= active:
         return False
-    host, port = rendezvous[0]
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=active,
-                            timeout=timedelta(seconds=cfg.fault.hang_timeout_s))
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(active))
+    if listener:
+        print(f"[raylm] process-group store on {host}:{port}", flush=True)
+    _pin_collectives_to(node_ip)
+    timeout = timedelta(seconds=cfg.fault.hang_timeout_s)
+    # The store owns the listening socket from here (detach: Python must not close it too).
+    store = dist.TCPStore(host, port, active, is_master=listener is not None, timeout=timeout,
+                          master_listen_fd=listener.detach() if listener else None)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=active, timeout=timeout)
+    # What torchrun exports; DeepSpeed and init_distributed read them.
+    os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(active))
     return True
 
 
@@ -84,22 +107,24 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import torch.distributed as dist
+    import ray.train
 
     from raylm.launcher.worker import train_stage
 
     run_dir, stage = Path(config["run_dir"]), config["stage_name"]
     _log_to_file(run_dir / stage)
     cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), config["stage_index"])
-    workers = dist.get_world_size()
+    context = ray.train.get_context()
+    rank, workers = context.get_world_rank(), context.get_world_size()
+    os.environ.update(LOCAL_RANK=str(context.get_local_rank()), LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
     active = usable_world_size(cfg, workers)
     if active == 0:
         raise RuntimeError(f"{workers} workers hold no whole tp={cfg.parallel.tp} x pp={cfg.parallel.pp} replica")
     if active < workers:
         print(f"[raylm] {workers} workers started; {active} train (whole tp x pp replicas that split the global batch)", flush=True)
-        if not _keep_ranks_below(active, cfg):
-            print("[raylm] this rank has no work in this layout; it waits for the stage to finish", flush=True)
-            _wait_out_the_stage(run_dir, stage)
-            return
+    if not _join_process_group(config["backend"], cfg, rank, active):
+        print("[raylm] this rank has no work in this layout; it waits for the stage to finish", flush=True)
+        _wait_out_the_stage(run_dir, stage)
+        return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
     train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last))

@@ -6,10 +6,27 @@ import os
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raylm.configs.schema import RunConfig
 from raylm.launcher.ray_entry import train_loop_per_worker
+
+
+class _WorkersOnly(Backend):
+    """Ray's torch set-up without its process group: ``ray_entry`` creates that, its store on the node's address.
+
+    Like Ray's torch backend, every worker on a node sees all of the node's
+    GPUs (LOCAL_RANK picks its own, NCCL reaches its neighbours').
+    """
+
+    share_cuda_visible_devices = True
+
+
+class _RaylmTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _WorkersOnly
 
 
 def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: RunConfig, use_gpu: bool) -> TorchTrainer:
@@ -22,8 +39,9 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": str(run_dir), "stage_index": stage_index, "stage_name": stage.name},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(stage_cfg.fault.hang_timeout_s)),
+        train_loop_config={"run_dir": str(run_dir), "stage_index": stage_index, "stage_name": stage.name,
+                           "backend": "nccl" if use_gpu else "gloo"},
+        torch_config=_RaylmTorchConfig(),
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
             num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,

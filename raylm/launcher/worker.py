@@ -29,7 +29,7 @@ from raylm.errors import UserError
 from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
 from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.launcher.metrics import MetricsFile, WandbRun, read_records
-from raylm.launcher.mfu import measure_matmul_peak, mfu
+from raylm.launcher.mfu import Peak, configured_peak, measured_peak, mfu
 from raylm.launcher.schedule import lr_factor
 from raylm.launcher.session import Session
 from raylm.launcher.sample import sample_text
@@ -41,7 +41,7 @@ from raylm.models.weights import check_weights, load_any, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
-from raylm.parallelism.topology import Topology
+from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
 
@@ -374,14 +374,17 @@ class StageTrainer:
 
     def _run_loop(self) -> Dict:
         t = self.cfg.train
-        peak = (self.cfg.logging.mfu_peak_tflops or 0) * 1e12 or measure_matmul_peak(
-            self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32
-        )
+        # Every rank measures, though only rank 0 reports: all at once, the cores are shared as in training.
+        peak_tflops = self.cfg.logging.mfu_peak_tflops
+        peak = configured_peak(peak_tflops) if peak_tflops else measured_peak(self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
         self.resume()
         start_step = self.state.step
         self._log_restart(start_step)
+        # The longest any of raylm's groups lets a collective wait, read back from the live groups.
+        pg_timeout_s = max(group_timeout_s(g, self.ctx.device) for g in [dist.group.WORLD, *self.par.groups.groups()])
         self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
-                  "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage})
+                  "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
+                  "pg_timeout_s": pg_timeout_s})
         last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
         window_tokens, window_time = 0, 0.0
         train_time, train_tokens = 0.0, 0
@@ -400,7 +403,7 @@ class StageTrainer:
             if self._due(t.log_every):
                 tokens_per_s = window_tokens / window_time
                 last["tokens_per_s"] = tokens_per_s
-                last["mfu"] = mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size)
+                last["mfu"] = mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size)
                 self.log({
                     "step": self.state.step, "kind": "train", "loss": loss, "lr": self.engine.get_lr()[0],
                     "grad_norm": _float_or_nan(self.engine.get_global_grad_norm()), "tokens_per_s": tokens_per_s,
@@ -419,7 +422,7 @@ class StageTrainer:
             last["eval_loss"] = self.evaluate()
         return self.finish(last, train_tokens / train_time if train_time else last["tokens_per_s"], peak)
 
-    def finish(self, last: Dict, tokens_per_s: float, peak: float) -> Dict:
+    def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
         full_state = self.par.consolidated_state_dict(self.engine)
         summary: Dict = {}
@@ -432,8 +435,8 @@ class StageTrainer:
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
                 "perplexity": math.exp(min(last["eval_loss"], 50.0)) if math.isfinite(last["eval_loss"]) else None,
-                "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak, self.ctx.world_size),
-                "peak_tflops_per_worker": peak / 1e12, "sample": sample, "final_dir": str(final_dir),
+                "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
+                **peak.summary(), "sample": sample, "final_dir": str(final_dir),
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))

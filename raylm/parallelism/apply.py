@@ -8,6 +8,7 @@ the full dense weights back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Dict, Optional, Set
 
 import torch
@@ -87,7 +88,7 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 def build_parallel_model(dense: nn.Module, run: RunConfig, rank: int, world_size: int) -> ParallelModel:
     """Shard ``dense`` (identical on every rank) for this rank; a collective call."""
     topology = Topology.for_world(run.parallel.tp, run.parallel.pp, world_size)
-    groups = build_groups(topology, rank)
+    groups = build_groups(topology, rank, timedelta(seconds=run.fault.hang_timeout_s))
     module = apply_tensor_parallel(dense, groups.tp_group) if topology.tp > 1 else dense
     loss_fn = tp_loss_fn(groups.tp_group) if topology.tp > 1 else cross_entropy_loss
     if topology.pp > 1:

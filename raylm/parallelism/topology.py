@@ -13,8 +13,10 @@ keeps on one node, and DeepSpeed's pipeline grid agrees with ours rank for rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import List, Tuple
 
+import torch
 import torch.distributed as dist
 
 from raylm.errors import UserError
@@ -119,27 +121,39 @@ class ParallelGroups:
     def mp_rank(self) -> int:
         return self.mp_ranks.index(self.rank)
 
+    def groups(self) -> List[dist.ProcessGroup]:
+        return [self.tp_group, self.dp_group, self.pp_group, self.mp_group]
 
-def _new_groups(all_groups: List[List[int]], rank: int) -> Tuple[dist.ProcessGroup, List[int]]:
+
+def _new_groups(all_groups: List[List[int]], rank: int, timeout: timedelta) -> Tuple[dist.ProcessGroup, List[int]]:
     """Create every group of one axis (each rank must create all of them, in the same order); keep ours."""
     mine = None
     for ranks in all_groups:
-        group = dist.new_group(ranks=ranks)
+        group = dist.new_group(ranks=ranks, timeout=timeout)
         if rank in ranks:
             mine = (group, ranks)
     assert mine is not None, f"rank {rank} is in none of {all_groups}"
     return mine
 
 
-def build_groups(topology: Topology, rank: int) -> ParallelGroups:
-    """Create the tp, dp, pp and mp groups; a collective call on every rank of the default group."""
+def build_groups(topology: Topology, rank: int, timeout: timedelta) -> ParallelGroups:
+    """Create the tp, dp, pp and mp groups; a collective call on every rank of the default group.
+
+    ``timeout`` is the default group's: torch gives a new group its own
+    default (30 minutes), not its parent's.
+    """
     if dist.get_world_size() != topology.world_size:
         raise ValueError(f"the process group has {dist.get_world_size()} ranks, the topology {topology} needs {topology.world_size}")
-    tp_group, tp_ranks = _new_groups(topology.all_tp_groups(), rank)
-    dp_group, dp_ranks = _new_groups(topology.all_dp_groups(), rank)
-    pp_group, pp_ranks = _new_groups(topology.all_pp_groups(), rank)
-    mp_group, mp_ranks = _new_groups(topology.all_mp_groups(), rank)
+    tp_group, tp_ranks = _new_groups(topology.all_tp_groups(), rank, timeout)
+    dp_group, dp_ranks = _new_groups(topology.all_dp_groups(), rank, timeout)
+    pp_group, pp_ranks = _new_groups(topology.all_pp_groups(), rank, timeout)
+    mp_group, mp_ranks = _new_groups(topology.all_mp_groups(), rank, timeout)
     return ParallelGroups(topology, rank, tp_group, dp_group, pp_group, mp_group, tp_ranks, dp_ranks, pp_ranks, mp_ranks)
+
+
+def group_timeout_s(group: dist.ProcessGroup, device: torch.device) -> float:
+    """How long a collective of ``group`` on ``device`` may wait, read back from its backend (torch has no public getter)."""
+    return group._get_backend(device).options._timeout.total_seconds()
 
 
 class Mpu:
