@@ -281,8 +281,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
-    from raylm.launcher.inference import generate_text, load_stage
+    from raylm.launcher.inference import check_sampling, generate_text, load_stage
 
+    check_sampling(args.temperature, args.top_k or None, args.top_p)  # before any run is looked up
     stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
     prompts = [args.prompt] if args.prompt is not None else []
