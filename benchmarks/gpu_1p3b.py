@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_1p3b.py --out DIR [--steps 12] [--preset 1.3b]
 
-Measures the bf16 matmul peak of the GPU in this process (8192^3 products),
+Measures the bf16 matmul peak of the GPU in this process (raylm's own best-of-sizes measure),
 then trains the preset for a few steps with the per-rank code under torchrun
 (one rank, NCCL; Ray is not needed on the GPU machine) and reports tokens/s
 and MFU against that peak, leaving out the first steps (allocator and kernel
@@ -32,25 +32,10 @@ from pathlib import Path
 import torch
 
 from raylm.configs.loader import load_config
+from raylm.launcher.mfu import measured_peak
 from raylm.models.flops import flops_per_token
 
 WARMUP_STEPS = 3
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """Mean FLOP/s of ``repeats`` square products after three warm-ups."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -65,7 +50,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    peak = matmul_peak(device, torch.bfloat16, 8192 if gpu else 1024)
+    peak = measured_peak(device, torch.bfloat16).flops
     overrides = [
         "stages=[{name: pretrain, kind: pretrain}]",
         "cluster.num_workers=1", f"cluster.use_gpu={'true' if gpu else 'false'}",
