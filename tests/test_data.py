@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from raylm.configs.schema import DataConfig, ModelConfig
 from raylm.data import prepare_dataset
 from raylm.data.chat import format_chat, tokenize_chat
 from raylm.data.corpus import iter_documents
-from raylm.data.packed import PackedTokens, build_packed, token_dtype
+from raylm.data.indexed import token_dtype
+from raylm.data.packed import PackedTokens
 from raylm.data.sft import IGNORE_INDEX, SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from raylm.errors import UserError
@@ -35,10 +37,19 @@ def numbered_documents(count: int) -> list:
     return [f"document {i}: " + "word " * (5 + i % 7) for i in range(count)]
 
 
-def split_documents(tokenizer: Tokenizer, path: Path) -> list:
-    """The documents stored in a packed split, recovered by cutting at eos."""
-    tokens = np.fromfile(path, dtype=token_dtype(tokenizer.vocab_size)).tolist()
-    return tokenizer.decode(tokens).split(SPECIAL_TOKENS[0])[:-1]
+def pack(documents: list, tokenizer: Tokenizer, out: Path, val_fraction: float, seed: int, seq_len: int = 16):
+    """(train, val, meta) of ``documents`` written as one JSONL input and prepared like any corpus."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    data_cfg = DataConfig(source=str(corpus), val_fraction=val_fraction)
+    train, val, _ = prepare_dataset("pretrain", data_cfg, ModelConfig(vocab_size=300, max_seq_len=seq_len), out / "data", seed, tokenizer=tokenizer)
+    return train, val, json.loads((out / "data" / "meta.json").read_text())
+
+
+def split_documents(tokenizer: Tokenizer, reader: PackedTokens) -> list:
+    """The documents of a packed split, recovered by cutting its token stream at eos."""
+    return tokenizer.decode(reader.window(0, reader.num_tokens).tolist()).split(SPECIAL_TOKENS[0])[:-1]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -162,16 +173,14 @@ def test_only_empty_documents_is_a_user_error(tmp_path):
 # ---------------------------------------------------------------- packed
 def test_token_dtype_fits_the_vocabulary():
     assert token_dtype(65536) == np.uint16
-    assert token_dtype(65537) == np.uint32
+    assert token_dtype(65537) == np.int32  # Megatron's indexed format has no uint32
 
 
 def test_packed_windows_are_shifted_by_one_and_do_not_overlap(byte, tmp_path):
-    meta = build_packed(numbered_documents(40), byte, tmp_path, val_fraction=0.1, seed=0)
-    assert meta["dtype"] == "uint16"
-    reader = PackedTokens(tmp_path / "train.bin", meta["dtype"], seq_len=16)
-    tokens = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
-    assert reader.num_samples == (len(tokens) - 1) // 16
-    inputs, targets = reader.batch([0, 1, 2])
+    train, _, _ = pack(numbered_documents(40), byte, tmp_path, val_fraction=0.1, seed=0)
+    tokens = train.window(0, train.num_tokens)
+    assert train.num_samples == (len(tokens) - 1) // 16
+    inputs, targets = train.batch([0, 1, 2])
     assert inputs.shape == targets.shape == (3, 16) and inputs.dtype == np.int64
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
     np.testing.assert_array_equal(inputs.reshape(-1), tokens[:48])
@@ -180,31 +189,29 @@ def test_packed_windows_are_shifted_by_one_and_do_not_overlap(byte, tmp_path):
 
 def test_held_out_split_is_whole_documents_disjoint_and_deterministic(byte, tmp_path):
     documents = numbered_documents(40)
-    build_packed(documents, byte, tmp_path / "a", val_fraction=0.2, seed=7)
-    build_packed(documents, byte, tmp_path / "b", val_fraction=0.2, seed=7)
-    build_packed(documents, byte, tmp_path / "c", val_fraction=0.2, seed=8)
-    train, val = (split_documents(byte, tmp_path / "a" / f"{s}.bin") for s in ("train", "val"))
+    splits = {name: pack(documents, byte, tmp_path / name, val_fraction=0.2, seed=seed) for name, seed in (("a", 7), ("b", 7), ("c", 8))}
+    train, val = (split_documents(byte, reader) for reader in splits["a"][:2])
     assert sorted(train + val) == sorted(documents)
     assert not set(train) & set(val)
     assert 0.1 < len(val) / len(documents) < 0.3
-    assert (tmp_path / "a" / "val.bin").read_bytes() == (tmp_path / "b" / "val.bin").read_bytes()
-    assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
+    assert split_documents(byte, splits["a"][1]) == split_documents(byte, splits["b"][1])
+    assert split_documents(byte, splits["a"][1]) != split_documents(byte, splits["c"][1])
 
 
 def test_two_documents_give_one_to_each_split(byte, tmp_path):
-    meta = build_packed(["first document", "second document"], byte, tmp_path, val_fraction=0.01, seed=0)
-    assert (meta["train_documents"], meta["val_documents"]) == (1, 1)
+    train, val, _ = pack(["first document " * 4, "second document " * 4], byte, tmp_path, val_fraction=0.01, seed=0)
+    assert len(split_documents(byte, train)) == len(split_documents(byte, val)) == 1
 
 
 def test_single_document_splits_its_tokens(byte, tmp_path):
-    meta = build_packed(["x" * 999], byte, tmp_path, val_fraction=0.1, seed=0)
-    assert (meta["train_tokens"], meta["val_tokens"]) == (900, 100)
+    _, _, meta = pack(["x" * 998], byte, tmp_path, val_fraction=0.1, seed=0)  # 999 tokens with eos
+    assert (meta["train_tokens"], meta["val_tokens"]) == (899, 100)
 
 
 def test_split_shorter_than_a_sequence_is_a_user_error(byte, tmp_path):
-    build_packed(numbered_documents(10), byte, tmp_path, val_fraction=0.1, seed=0)
+    train, _, _ = pack(numbered_documents(10), byte, tmp_path, val_fraction=0.1, seed=0)
     with pytest.raises(UserError, match="val split.*max_seq_len"):
-        PackedTokens(tmp_path / "val.bin", "uint16", seq_len=4096)
+        PackedTokens(train.prefixes, np.array([[0, 0, 50]]), seq_len=4096, split="val")
 
 
 # ---------------------------------------------------------------- chat
@@ -313,13 +320,20 @@ def test_prepare_pretrain_reuses_a_complete_dataset(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the dataset should have been reused")
 
-    monkeypatch.setattr("raylm.data.build_packed", no_rebuild)
+    monkeypatch.setattr(sys.modules["raylm.data.prepare"], "tokenize_input", no_rebuild)
+    monkeypatch.setattr("raylm.data.split_segments", no_rebuild)
     train_again, _, _ = prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
     np.testing.assert_array_equal(train_again.batch([0])[0], first[0])
-    # A different split recipe, or a dataset whose meta.json never got written, is rebuilt.
+    # A different split recipe, or a split whose meta.json never got written, is split again (the shard stays).
     with pytest.raises(AssertionError, match="reused"):
         prepare_dataset("pretrain", replace(data_cfg, val_fraction=0.2), model_cfg, out, seed=1)
     (out / "meta.json").unlink()
+    with pytest.raises(AssertionError, match="reused"):
+        prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
+    # A shard whose index is gone is tokenized again.
+    monkeypatch.undo()
+    next(out.glob("shards/*.idx")).unlink()
+    monkeypatch.setattr(sys.modules["raylm.data.prepare"], "tokenize_input", no_rebuild)
     with pytest.raises(AssertionError, match="reused"):
         prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
 

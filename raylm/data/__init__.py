@@ -1,30 +1,32 @@
 """Tokenizer, datasets and sample order: everything a stage reads, built once on local files.
 
 ``prepare_dataset`` is the entry point; the modules beside it each do one job
-(corpus, tokenizer, chat template, packed pretraining tokens, sft rows,
-held-out split, sample order).
+(corpus formats, tokenizer, chat template, prepared shards in Megatron's
+indexed format, packed pretraining samples over them, sft rows, held-out
+split, sample order).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import numpy as np
 
 from raylm.configs.schema import DataConfig, ModelConfig
-from raylm.data.corpus import iter_documents
-from raylm.data.meta import matches, read_meta
-from raylm.data.packed import PackedTokens, build_packed
+from raylm.data.corpus import source_inputs
+from raylm.data.indexed import IndexedShard
+from raylm.data.meta import invalidate, matches, read_meta, write_meta
+from raylm.data.packed import SPLITS, PackedTokens, split_segments
+from raylm.data.prepare import SHARDS_DIR, is_prepared, prepare, read_manifest, shard_prefixes, tokenizer_sample
 from raylm.data.sft import SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from raylm.errors import UserError, first_line
 
 STAGE_KINDS = ("pretrain", "sft")
-
-
-def _training_texts(kind: str, data_cfg: DataConfig) -> Iterator[str]:
-    if kind == "pretrain":
-        return iter_documents(data_cfg.source, data_cfg.text_field)
-    return (m["content"] for conversation in iter_sft_examples(data_cfg.source) for m in conversation)
 
 
 def _saved_tokenizer(out_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig) -> Optional[Tokenizer]:
@@ -39,6 +41,92 @@ def _saved_tokenizer(out_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig
     return saved if saved.kind == data_cfg.tokenizer and saved.vocab_size == wanted_size else None
 
 
+def _prepared_source(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, tokenizer: Optional[Tokenizer]) -> Tuple[Path, Dict[str, Any], Tokenizer]:
+    """(dataset directory, manifest, tokenizer): ``data.source`` as prepared by ``raylm data prepare``,
+    or a raw source prepared into ``out_dir`` by the same code."""
+    source = data_cfg.source
+    if is_prepared(source):
+        dataset_dir = Path(source).expanduser().resolve()
+        prepared = Tokenizer.load(dataset_dir, fix=f"run 'raylm data prepare ... --out {source}' again")
+        if tokenizer is not None and tokenizer.fingerprint != prepared.fingerprint:
+            raise UserError(
+                f"data.source {source} was prepared with another tokenizer than this run's; "
+                "prepare it with 'raylm data prepare ... --tokenizer <the run's tokenizer/ directory>' or start a new run"
+            )
+        return dataset_dir, read_manifest(dataset_dir), prepared
+    if (Path(source) / SHARDS_DIR).is_dir():
+        raise UserError(f"data.source {source} is an unfinished prepared dataset (no manifest.json); run 'raylm data prepare ... --out {source}' again")
+    inputs = source_inputs([source])
+    tokenizer = tokenizer or _saved_tokenizer(out_dir, data_cfg, model_cfg)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(tokenizer_sample(inputs, data_cfg.text_field), data_cfg.tokenizer, model_cfg.vocab_size)
+    return out_dir, prepare(inputs, out_dir, tokenizer, data_cfg.text_field), tokenizer
+
+
+def _segments_path(out_dir: Path, split: str) -> Path:
+    return out_dir / f"{split}.segments.npy"
+
+
+def _pretrain_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
+    dataset_dir, manifest, tokenizer = _prepared_source(data_cfg, model_cfg, out_dir, tokenizer)
+    _check_vocab(tokenizer, model_cfg)
+    prefixes = shard_prefixes(dataset_dir, manifest)
+    # The held-out split is a pure function of the shards, the fraction and the seed; cached here
+    # (rank 0 computes it, the other ranks and later runs of the stage read it).
+    recipe = {
+        "format": "packed",
+        "dataset": str(dataset_dir),
+        "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+        "val_fraction": data_cfg.val_fraction,
+        "seed": seed,
+    }
+    if not matches(read_meta(out_dir), recipe):
+        invalidate(out_dir)
+        segments = split_segments([IndexedShard(p) for p in prefixes], data_cfg.val_fraction, seed)
+        for split in SPLITS:
+            np.save(_segments_path(out_dir, split), segments[split])
+        counts = {f"{split}_tokens": int((segments[split][:, 2] - segments[split][:, 1]).sum()) for split in SPLITS}
+        write_meta(out_dir, {**recipe, **counts, "source": data_cfg.source, "tokenizer_sha256": tokenizer.fingerprint})
+    with _damaged_files_are_user_errors(out_dir, data_cfg):
+        train, val = (PackedTokens(prefixes, np.load(_segments_path(out_dir, split)), model_cfg.max_seq_len, split) for split in SPLITS)
+    return train, val, tokenizer
+
+
+@contextmanager
+def _damaged_files_are_user_errors(out_dir: Path, data_cfg: DataConfig) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError) as err:  # files removed or truncated after their record was written
+        raise UserError(f"the dataset in {out_dir} is damaged ({first_line(err)}); delete {out_dir} to rebuild it from {data_cfg.source}") from None
+
+
+def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}; set model.vocab_size>={tokenizer.vocab_size}")
+
+
+def _sft_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
+    tokenizer = tokenizer or _saved_tokenizer(out_dir, data_cfg, model_cfg)
+    if tokenizer is None:
+        texts = (m["content"] for conversation in iter_sft_examples(data_cfg.source) for m in conversation)
+        tokenizer = train_tokenizer(texts, data_cfg.tokenizer, model_cfg.vocab_size)
+    _check_vocab(tokenizer, model_cfg)
+    recipe = {
+        "format": "sft",
+        "source": data_cfg.source,
+        "tokenizer_sha256": tokenizer.fingerprint,
+        "val_fraction": data_cfg.val_fraction,
+        "seed": seed,
+        "seq_len": model_cfg.max_seq_len,
+    }
+    if not matches(read_meta(out_dir), recipe):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out_dir)
+        build_sft(iter_sft_examples(data_cfg.source), tokenizer, out_dir, model_cfg.max_seq_len, data_cfg.val_fraction, seed, recipe=recipe)
+    with _damaged_files_are_user_errors(out_dir, data_cfg):
+        return SftRows(out_dir, "train"), SftRows(out_dir, "val"), tokenizer
+
+
 def prepare_dataset(
     kind: str,
     data_cfg: DataConfig,
@@ -49,44 +137,14 @@ def prepare_dataset(
 ) -> Tuple[Union[PackedTokens, SftRows], Union[PackedTokens, SftRows], Tokenizer]:
     """(train reader, val reader, tokenizer) of a stage, building files in ``out_dir`` only when needed.
 
-    The tokenizer is the one given, else the one saved in ``out_dir``, else one
-    trained on the stage's texts. An existing dataset is reused when its
-    meta.json records the same recipe (source, tokenizer, split, seq_len).
+    The tokenizer is the one given, else the one a prepared ``data.source`` was
+    made with, else the one saved in ``out_dir``, else one trained on a bounded
+    sample of the stage's texts. Shards, splits and sft rows are reused while
+    their records say they were built from the same inputs and recipe.
     """
     if kind not in STAGE_KINDS:
         raise UserError(f"stage kind {kind!r} has no dataset; use one of {', '.join(STAGE_KINDS)}")
     out_dir = Path(out_dir)
-    tokenizer = tokenizer or _saved_tokenizer(out_dir, data_cfg, model_cfg)
-    if tokenizer is None:
-        tokenizer = train_tokenizer(_training_texts(kind, data_cfg), data_cfg.tokenizer, model_cfg.vocab_size)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}; set model.vocab_size>={tokenizer.vocab_size}")
-    recipe = {
-        "format": "packed" if kind == "pretrain" else "sft",
-        "source": data_cfg.source,
-        "tokenizer_sha256": tokenizer.fingerprint,
-        "val_fraction": data_cfg.val_fraction,
-        "seed": seed,
-    }
-    if kind == "pretrain":
-        recipe["text_field"] = data_cfg.text_field
-    else:
-        recipe["seq_len"] = model_cfg.max_seq_len
-    meta = read_meta(out_dir)
-    if not matches(meta, recipe):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out_dir)
-        if kind == "pretrain":
-            documents = iter_documents(data_cfg.source, data_cfg.text_field)
-            meta = build_packed(documents, tokenizer, out_dir, data_cfg.val_fraction, seed, recipe=recipe)
-        else:
-            examples = iter_sft_examples(data_cfg.source)
-            meta = build_sft(examples, tokenizer, out_dir, model_cfg.max_seq_len, data_cfg.val_fraction, seed, recipe=recipe)
-    try:
-        if kind == "pretrain":
-            train, val = (PackedTokens(out_dir / f"{split}.bin", meta["dtype"], model_cfg.max_seq_len) for split in ("train", "val"))
-        else:
-            train, val = SftRows(out_dir, "train"), SftRows(out_dir, "val")
-    except (OSError, ValueError) as err:  # files removed or truncated after meta.json was written
-        raise UserError(f"the dataset in {out_dir} is damaged ({first_line(err)}); delete {out_dir} to rebuild it from {data_cfg.source}") from None
-    return train, val, tokenizer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build = _pretrain_splits if kind == "pretrain" else _sft_splits
+    return build(data_cfg, model_cfg, out_dir, seed, tokenizer)

@@ -1,21 +1,33 @@
-"""Pretraining documents from a built-in corpus, files, directories, globs or JSONL."""
+"""Pretraining documents: the built-in corpus, or files of the supported formats named by
+paths, directories or globs.
+
+An *input* is one file (or ``builtin:pydoc``): the unit of tokenization, one
+shard per input (``raylm.data.prepare``). Text files are one document each;
+every other format holds one document per line or row.
+"""
 
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 from pathlib import Path
-from typing import Iterator, List
+from typing import IO, Iterator, List, Sequence
 
 from raylm.errors import UserError
 from raylm.files import read_text
 
 BUILTIN_PYDOC = "builtin:pydoc"
 TEXT_SUFFIXES = (".txt", ".md")
-"""Files a directory source contributes."""
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
+"""Parquet files and Arrow IPC files (a Hugging Face ``save_to_disk`` directory holds the latter)."""
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + COLUMNAR_SUFFIXES
+"""Files a directory or glob contributes; a file given by name must have one of them too."""
 
 GLOB_CHARS = "*?["
 UNUSABLE_FILE = "make it readable UTF-8 text or leave it out of data.source"
+FORMATS = "a .txt/.md text file, .jsonl, .jsonl.gz, .parquet, .arrow, a directory or glob of these, a prepared dataset directory"
 
 
 def pydoc_topics() -> List[tuple]:
@@ -25,18 +37,39 @@ def pydoc_topics() -> List[tuple]:
     return sorted(topics.items())
 
 
+def suffix_of(path: Path) -> str:
+    """The format suffix, with ``.jsonl.gz`` as one."""
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), path.suffix.lower())
+
+
+def _open_lines(path: Path) -> IO[bytes]:
+    try:
+        return gzip.open(path, "rb") if suffix_of(path) == ".jsonl.gz" else open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); {UNUSABLE_FILE}") from None
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple]:
-    """(line number, object) of every non-blank line; UserError naming file:line otherwise."""
-    for line_number, line in enumerate(read_text(path, UNUSABLE_FILE).splitlines(), start=1):
-        if not line.strip():
-            continue
+    """(line number, object) of every non-blank line, streamed; UserError naming file:line otherwise."""
+    with _open_lines(path) as f:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{line_number}: not valid JSON ({e.msg}); write one JSON object per line") from e
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}; write one object per line")
-        yield line_number, record
+            for line_number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(f"{path}:{line_number}: not UTF-8 text (bad byte at column {err.start + 1}); {UNUSABLE_FILE}") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_number}: not valid JSON ({e.msg}); write one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}; write one object per line")
+                yield line_number, record
+        except (OSError, EOFError) as err:  # a truncated or damaged .gz
+            raise UserError(f"{path} is damaged ({err}); {UNUSABLE_FILE}") from None
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -51,11 +84,23 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix == ".jsonl":
+def input_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """Every document of one input (a file or ``builtin:pydoc``), empty ones included."""
+    if source == BUILTIN_PYDOC:
+        yield from (text for _, text in pydoc_topics())
+        return
+    path = Path(source)
+    suffix = suffix_of(path)
+    if suffix in JSONL_SUFFIXES:
         yield from _jsonl_documents(path, text_field)
-    else:
+    elif suffix in COLUMNAR_SUFFIXES:
+        from raylm.data.columnar import columnar_documents
+
+        yield from columnar_documents(path, text_field)
+    elif suffix in TEXT_SUFFIXES:
         yield read_text(path, UNUSABLE_FILE)
+    else:
+        raise UserError(f"{path}: unknown format '{suffix or path.name}'; give {FORMATS} (rename plain text to .txt)")
 
 
 def _source_files(source: str) -> List[Path]:
@@ -63,30 +108,39 @@ def _source_files(source: str) -> List[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and suffix_of(p) in SUFFIXES)
         if not files:
-            raise UserError(f"data.source directory {path} has no {' or '.join(TEXT_SUFFIXES)} files; add some or point to a file")
+            raise UserError(f"data.source directory {path} has no {', '.join(SUFFIXES)} files; add some or point to a file")
         return files
     if any(c in source for c in GLOB_CHARS):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"data.source glob {source!r} matched no files; check the pattern")
         return files
-    raise UserError(f"data.source {source!r} not found; give a file, a directory, a glob, a .jsonl or {BUILTIN_PYDOC}")
+    raise UserError(f"data.source {source!r} not found; give {FORMATS} or {BUILTIN_PYDOC}")
+
+
+def source_inputs(sources: Sequence[str]) -> List[str]:
+    """The inputs of one or more sources, in order, each once."""
+    inputs: List[str] = []
+    for source in sources:
+        if source == BUILTIN_PYDOC:
+            found = [BUILTIN_PYDOC]
+        elif source.startswith("builtin:"):
+            raise UserError(f"data.source={source!r} is not a pretraining corpus; use {BUILTIN_PYDOC} or {FORMATS}")
+        else:
+            found = [str(p) for p in _source_files(source)]
+        inputs.extend(p for p in found if p not in inputs)
+    return inputs
 
 
 def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
     """Every non-empty document of ``source`` in a deterministic order."""
-    if source == BUILTIN_PYDOC:
-        documents = (text for _, text in pydoc_topics())
-    elif source.startswith("builtin:"):
-        raise UserError(f"data.source={source!r} is not a pretraining corpus; use {BUILTIN_PYDOC}, a file, a directory, a glob or a .jsonl")
-    else:
-        documents = (doc for path in _source_files(source) for doc in _file_documents(path, text_field))
     empty = True
-    for document in documents:
-        if document.strip():
-            empty = False
-            yield document
+    for input_ in source_inputs([source]):
+        for document in input_documents(input_, text_field):
+            if document.strip():
+                empty = False
+                yield document
     if empty:
         raise UserError(f"data.source {source!r} holds only empty documents; point it at text")

@@ -1,4 +1,5 @@
-"""meta.json: written last, so its presence means the dataset beside it is complete."""
+"""meta.json (and a prepared dataset's manifest.json): written last, so its presence means the
+files beside it are complete."""
 
 from __future__ import annotations
 
@@ -10,24 +11,24 @@ from typing import Any, Dict, Mapping, Optional
 META_FILE = "meta.json"
 
 
-def read_meta(out_dir: Path) -> Optional[Dict[str, Any]]:
-    """The dataset's meta.json, or None when missing or unreadable (then the dataset is rebuilt)."""
+def read_meta(out_dir: Path, name: str = META_FILE) -> Optional[Dict[str, Any]]:
+    """The JSON object ``out_dir/name``, or None when missing or unreadable (then what it describes is rebuilt)."""
     try:
-        meta = json.loads((Path(out_dir) / META_FILE).read_text())
+        meta = json.loads((Path(out_dir) / name).read_text())
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
 
 
-def invalidate(out_dir: Path) -> None:
-    """Forget the dataset before rewriting its files, so a crash cannot leave a stale meta.json."""
-    (Path(out_dir) / META_FILE).unlink(missing_ok=True)
+def invalidate(out_dir: Path, name: str = META_FILE) -> None:
+    """Forget the dataset before rewriting its files, so a crash cannot leave a stale record."""
+    (Path(out_dir) / name).unlink(missing_ok=True)
 
 
-def write_meta(out_dir: Path, meta: Mapping[str, Any]) -> None:
+def write_meta(out_dir: Path, meta: Mapping[str, Any], name: str = META_FILE) -> None:
     # A rename is atomic: readers see the old state or the whole new file.
-    path = Path(out_dir) / META_FILE
-    tmp = path.with_suffix(".json.tmp")
+    path = Path(out_dir) / name
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 

@@ -1,131 +1,95 @@
-"""Pretraining tokens packed end to end in numpy memmaps (train.bin, val.bin).
+"""Pretraining samples read straight from a prepared dataset's memory-mapped shards.
 
-Documents are tokenized once, each followed by ``<|endoftext|>``, and held
-out whole. A sample is a window of ``seq_len + 1`` tokens; windows do not
-overlap.
+The shards' documents (each ending in ``<|endoftext|>``) form one token
+stream; whole documents are held out for evaluation. Each split is a list of
+*segments* ``(shard, first token, end token)``, consecutive documents of one
+shard merged, so a split costs memory per held-out run of documents, never per
+token. A sample is a window of ``seq_len + 1`` tokens of a split's stream;
+windows do not overlap.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from raylm.data.meta import invalidate, write_meta
+from raylm.data.indexed import IndexedShard
 from raylm.data.split import held_out_mask
-from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
 
 SPLITS = ("train", "val")
-ENCODE_BATCH_DOCUMENTS = 512
-"""Documents handed to the tokenizer at once: big enough to use every core, small enough to stream."""
-
-ALL_TOKENS_FILE = "all.tmp"
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def _runs(shard_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """(n, 3) segments: documents adjacent in the same shard merged into one."""
+    if len(starts) == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    new = np.ones(len(starts), dtype=bool)
+    new[1:] = (shard_ids[1:] != shard_ids[:-1]) | (starts[1:] != ends[:-1])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, len(starts) - 1)
+    return np.stack([shard_ids[first], starts[first], ends[last]], axis=1).astype(np.int64)
 
 
-def _batches(documents: Iterable[str], size: int) -> Iterable[list]:
-    batch = []
-    for document in documents:
-        batch.append(document)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> np.ndarray:
-    """Stream every document's tokens (plus eos) into ``path``; return each document's length."""
-    lengths = []
-    with open(path, "wb") as f:
-        for batch in _batches(documents, ENCODE_BATCH_DOCUMENTS):
-            for ids in tokenizer.encode_batch(batch):
-                ids.append(tokenizer.eos_id)
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
-                lengths.append(len(ids))
-    return np.asarray(lengths, dtype=np.int64)
-
-
-def build_packed(
-    documents: Iterable[str],
-    tokenizer: Tokenizer,
-    out_dir: Union[str, Path],
-    val_fraction: float,
-    seed: int,
-    recipe: Optional[Mapping[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Write train.bin, val.bin and (last) meta.json; ``recipe`` (e.g. the source) is added to meta.json for reuse checks."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    invalidate(out_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    all_path = out_dir / ALL_TOKENS_FILE
-    lengths = _tokenize_to_file(documents, tokenizer, all_path, dtype)
-    if len(lengths) == 0:
-        raise UserError("the corpus has no documents; point data.source at text")
-    tokens = np.memmap(all_path, dtype=dtype, mode="r")
-    ends = np.cumsum(lengths)
+def split_segments(shards: Sequence[IndexedShard], val_fraction: float, seed: int) -> Dict[str, np.ndarray]:
+    """Each split's segments: seeded whole documents held out (``split.held_out_mask``),
+    or the tail of the only document when there is one."""
+    lengths = np.concatenate([s.lengths.astype(np.int64) for s in shards])
+    shard_ids = np.concatenate([np.full(len(s.lengths), i, dtype=np.int64) for i, s in enumerate(shards)])
+    ends = np.concatenate([np.cumsum(s.lengths, dtype=np.int64) for s in shards])
+    starts = ends - lengths
     if len(lengths) == 1:
-        # One document: hold out its tail instead of a whole document.
-        n_val = max(1, int(round(val_fraction * len(tokens))))
-        bounds = {"train": [(0, len(tokens) - n_val)], "val": [(len(tokens) - n_val, len(tokens))]}
-        documents_per_split = {"train": 1, "val": 1}
-    else:
-        held_out = held_out_mask(lengths, val_fraction, seed)
-        starts = ends - lengths
-        bounds = {split: list(zip(starts[mask], ends[mask])) for split, mask in (("train", ~held_out), ("val", held_out))}
-        documents_per_split = {"train": int((~held_out).sum()), "val": int(held_out.sum())}
-    for split in SPLITS:
-        with open(out_dir / f"{split}.bin", "wb") as f:
-            for start, end in bounds[split]:
-                f.write(tokens[start:end].tobytes())
-    del tokens
-    all_path.unlink()
-    meta = {
-        **(recipe or {}),
-        "format": "packed",
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer_kind": tokenizer.kind,
-        "tokenizer_sha256": tokenizer.fingerprint,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        **{f"{split}_tokens": int(sum(end - start for start, end in bounds[split])) for split in SPLITS},
-        **{f"{split}_documents": documents_per_split[split] for split in SPLITS},
-    }
-    write_meta(out_dir, meta)
-    return meta
+        n_val = max(1, int(round(val_fraction * lengths[0])))
+        cut = ends[0] - n_val
+        return {"train": np.array([[shard_ids[0], 0, cut]]), "val": np.array([[shard_ids[0], cut, ends[0]]])}
+    held_out = held_out_mask(lengths, val_fraction, seed)
+    return {split: _runs(shard_ids[mask], starts[mask], ends[mask]) for split, mask in (("train", ~held_out), ("val", held_out))}
 
 
 class PackedTokens:
-    """Non-overlapping ``seq_len + 1`` token windows of one split, read from its memmap."""
+    """Non-overlapping ``seq_len + 1`` token windows of one split's segments of the shards."""
 
-    def __init__(self, path_bin: Union[str, Path], dtype: Union[str, np.dtype], seq_len: int):
-        self.path = Path(path_bin)
-        self.dtype = np.dtype(dtype)
+    def __init__(self, shard_prefixes: Sequence[Union[str, Path]], segments: np.ndarray, seq_len: int, split: str):
+        self.prefixes = [Path(p) for p in shard_prefixes]
+        self.segments = np.asarray(segments, dtype=np.int64).reshape(-1, 3)
         self.seq_len = seq_len
-        n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        self.seg_ends = np.cumsum(self.segments[:, 2] - self.segments[:, 1])
+        n_tokens = int(self.seg_ends[-1]) if len(self.seg_ends) else 0
+        self.num_tokens = n_tokens
         self.num_samples = (n_tokens - 1) // seq_len if n_tokens else 0
         if self.num_samples < 1:
-            split = self.path.stem
+            where = self.prefixes[0].parent.parent if self.prefixes else "the dataset"
             raise UserError(
-                f"the {split} split ({self.path}) has {n_tokens} tokens, fewer than one sequence of {seq_len}+1; "
+                f"the {split} split (of {where}) has {n_tokens} tokens, fewer than one sequence of {seq_len}+1; "
                 f"lower model.max_seq_len, use a bigger data.source{' or raise data.val_fraction' if split == 'val' else ' or lower data.val_fraction'}"
             )
-        # np.memmap cannot map an empty file; num_samples >= 1 guarantees it is not.
-        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        self._shards: Dict[int, np.ndarray] = {}
+
+    def _tokens(self, shard: int) -> np.ndarray:
+        # Opened on first use: a run over thousands of shards maps only those it reads.
+        if shard not in self._shards:
+            self._shards[shard] = IndexedShard(self.prefixes[shard]).tokens
+        return self._shards[shard]
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the split's stream, as int64."""
+        pieces: List[np.ndarray] = []
+        segment = int(np.searchsorted(self.seg_ends, start, side="right"))
+        while length > 0:
+            shard, first, end = self.segments[segment]
+            offset = start - (int(self.seg_ends[segment]) - (end - first))
+            take = min(length, int(end - first - offset))
+            pieces.append(self._tokens(int(shard))[first + offset : first + offset + take])
+            start, length, segment = start + take, length - take, segment + 1
+        return np.concatenate(pieces).astype(np.int64)
 
     def sample(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """(input_ids, targets) of window ``index``: targets are the inputs shifted by one."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range [0, {self.num_samples})")
-        start = index * self.seq_len
-        window = self.tokens[start : start + self.seq_len + 1].astype(np.int64)
+        window = self.window(index * self.seq_len, self.seq_len + 1)
         return window[:-1], window[1:]
 
     def batch(self, indices: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 from raylm.data.chat import Message, check_messages, tokenize_chat
 from raylm.data.corpus import iter_jsonl, pydoc_topics
 from raylm.data.meta import invalidate, write_meta
-from raylm.data.packed import token_dtype
+from raylm.data.indexed import token_dtype
 from raylm.data.split import held_out_mask
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError

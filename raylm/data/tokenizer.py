@@ -92,8 +92,12 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: Union[str, Path], fix: str = "point to a directory holding a raylm tokenizer.json") -> "Tokenizer":
         """The tokenizer.json in ``directory``; ``fix`` ends the message when it is missing or unusable."""
-        path = Path(directory) / TOKENIZER_FILE
-        if not path.is_file():
+        return cls.load_file(Path(directory) / TOKENIZER_FILE, fix)
+
+    @classmethod
+    def load_file(cls, path: Union[str, Path], fix: str) -> "Tokenizer":
+        """A tokenizer.json under any name."""
+        if not Path(path).is_file():
             raise UserError(f"no tokenizer at {path}; {fix}")
         try:
             hf = HFTokenizer.from_file(str(path))

@@ -334,6 +334,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from raylm.launcher.data_prepare import prepare_command
+
+    return prepare_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="raylm", description="Pretrain and fine-tune Llama-style models on Ray + DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -410,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--stage", help="default: the last finished stage")
     export.add_argument("--runs-dir", default="runs")
     export.set_defaults(func=cmd_export)
+
+    data = sub.add_parser("data", help="prepare training data ahead of a launch")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="tokenize corpora once into shards a launch reads with data.source=DIR")
+    prepare.add_argument("sources", nargs="+", metavar="SOURCE", help="text, .jsonl(.gz), .parquet or .arrow files, directories or globs of them, builtin:pydoc")
+    prepare.add_argument("--out", required=True, help="the prepared dataset directory (created, or brought up to date)")
+    prepare.add_argument("--tokenizer", help="a tokenizer.json, or a raylm run / final/ / Hugging Face directory holding one; default: train a BPE")
+    prepare.add_argument("--vocab-size", type=_at_least(262), help="vocabulary of the BPE trained when no --tokenizer is given (default 2048)")
+    prepare.add_argument("--text-field", default="text", help="JSONL field or Parquet/Arrow column holding the text")
+    prepare.add_argument("--tokenizer-sample-mb", type=_at_least(0.001, float), default=64.0, help="text the BPE is trained on at most, taken evenly from the inputs")
+    prepare.add_argument("--workers", type=_at_least(1), help="parallel Ray tasks, one per input file (default: every CPU of the cluster); 1 tokenizes in this process")
+    prepare.add_argument("--address", help="an existing Ray cluster; default: RAY_ADDRESS, else an embedded local one")
+    prepare.set_defaults(func=cmd_data_prepare)
 
     config = sub.add_parser("config", help="inspect configs without running anything")
     config_sub = config.add_subparsers(dest="config_command", required=True)
