@@ -13,9 +13,10 @@ import pytest
 from raylm.configs.schema import DataConfig, ModelConfig
 from raylm.data import prepare_dataset
 from raylm.data.chat import format_chat, tokenize_chat
-from raylm.data.corpus import iter_documents
+from raylm.data.corpus import input_documents, source_inputs
 from raylm.data.indexed import token_dtype
 from raylm.data.packed import PackedTokens
+from raylm.data.prepare import tokenizer_sample
 from raylm.data.sft import IGNORE_INDEX, SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from raylm.errors import UserError
@@ -31,6 +32,11 @@ def bpe() -> Tokenizer:
 @pytest.fixture(scope="module")
 def byte() -> Tokenizer:
     return train_tokenizer([], "byte", MIN_VOCAB_SIZE)
+
+
+def iter_documents(source: str, text_field: str = "text") -> list:
+    """The non-empty documents a source's inputs hold, in order (what its shards are made of)."""
+    return [d for i in source_inputs([source]) for d in input_documents(i, text_field) if d.strip()]
 
 
 def numbered_documents(count: int) -> list:
@@ -167,7 +173,7 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, bad_line, expected):
 def test_only_empty_documents_is_a_user_error(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n")
     with pytest.raises(UserError, match="only empty documents"):
-        list(iter_documents(str(tmp_path)))
+        list(tokenizer_sample(source_inputs([str(tmp_path)]), "text"))
 
 
 # ---------------------------------------------------------------- packed
@@ -324,12 +330,12 @@ def test_prepare_pretrain_reuses_a_complete_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr("raylm.data.split_segments", no_rebuild)
     train_again, _, _ = prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
     np.testing.assert_array_equal(train_again.batch([0])[0], first[0])
-    # A different split recipe, or a split whose meta.json never got written, is split again (the shard stays).
-    with pytest.raises(AssertionError, match="reused"):
-        prepare_dataset("pretrain", replace(data_cfg, val_fraction=0.2), model_cfg, out, seed=1)
+    # A split whose meta.json never got written, or a different split recipe, is split again (the shard stays).
     (out / "meta.json").unlink()
     with pytest.raises(AssertionError, match="reused"):
         prepare_dataset("pretrain", data_cfg, model_cfg, out, seed=1)
+    with pytest.raises(AssertionError, match="reused"):
+        prepare_dataset("pretrain", replace(data_cfg, val_fraction=0.2), model_cfg, out, seed=1)
     # A shard whose index is gone is tokenized again.
     monkeypatch.undo()
     next(out.glob("shards/*.idx")).unlink()

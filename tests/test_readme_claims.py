@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from numerics import longest_reduction, model_depth, worst_case
 
 from raylm.configs.loader import load_config, resolve_stage
-from raylm.data.corpus import BUILTIN_PYDOC, iter_documents
+from raylm.data.corpus import BUILTIN_PYDOC, input_documents
 from raylm.data.tokenizer import ASSISTANT, END, USER, train_tokenizer
 from raylm.errors import UserError
 from raylm.launcher import run_dir as rundir
@@ -53,7 +53,7 @@ def make_finished_run(root: Path, name: str = "claims") -> Path:
     """A run directory whose every stage looks finished: seeded random weights, one BPE tokenizer."""
     run = load_config("tiny", [f"runs_dir={root}", f"name={name}", *SMALL])
     run_dir = rundir.create(run, "tiny")
-    tokenizer = train_tokenizer(iter_documents(BUILTIN_PYDOC), "bpe", run.model.vocab_size)
+    tokenizer = train_tokenizer(input_documents(BUILTIN_PYDOC), "bpe", run.model.vocab_size)
     tokenizer.save(run_dir / TOKENIZER_DIR)
     for index, stage in enumerate(run.stages):
         cfg = resolve_stage(run, index).model

@@ -133,14 +133,3 @@ def source_inputs(sources: Sequence[str]) -> List[str]:
         inputs.extend(p for p in found if p not in inputs)
     return inputs
 
-
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """Every non-empty document of ``source`` in a deterministic order."""
-    empty = True
-    for input_ in source_inputs([source]):
-        for document in input_documents(input_, text_field):
-            if document.strip():
-                empty = False
-                yield document
-    if empty:
-        raise UserError(f"data.source {source!r} holds only empty documents; point it at text")

@@ -216,7 +216,7 @@ def prepare(
             if on_shard_done:
                 on_shard_done(record, False)
     if sum(r["documents"] for r in records) == 0:
-        raise UserError(f"the sources ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''}) hold only empty documents; point them at text")
+        raise UserError(_only_empty(inputs))
     # Shards of inputs no longer among the sources, and leftovers of interrupted writes.
     keep = {r["shard"] + suffix for r in records for suffix in (".bin", ".idx", ".json")}
     for path in shards_dir.iterdir():
@@ -252,6 +252,7 @@ def tokenizer_sample(inputs: Sequence[str], text_field: str, budget_bytes: int =
     """A bounded, deterministic sample to train a tokenizer on: each input's first documents
     up to an equal share of ``budget_bytes`` (a document that crosses the share is cut there)."""
     share = max(1, budget_bytes // max(1, len(inputs)))
+    empty = True
     for input_ in inputs:
         left = share
         for document in input_documents(input_, text_field):
@@ -260,4 +261,11 @@ def tokenizer_sample(inputs: Sequence[str], text_field: str, budget_bytes: int =
             if document.strip():
                 piece = document if len(document) <= left else document[:left]
                 left -= len(piece.encode())
+                empty = False
                 yield piece
+    if empty:
+        raise UserError(_only_empty(inputs))
+
+
+def _only_empty(inputs: Sequence[str]) -> str:
+    return f"the sources ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''}) hold only empty documents; point them at text"
