@@ -253,3 +253,19 @@ def test_ray_tasks_on_two_nodes_give_the_single_process_token_stream(byte, tmp_p
     for shard in (tmp_path / "here" / "shards").glob("*.[bi][id][nx]"):
         assert shard.read_bytes() == (tmp_path / "ray" / "shards" / shard.name).read_bytes(), shard.name
     np.testing.assert_array_equal(stream_of(tmp_path / "ray"), expected_stream(byte, documents))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_launch_trains_on_a_prepared_directory(ray_cluster, tmp_path):
+    """`raylm launch data.source=DIR`: the run takes the prepared tokenizer and reads the shards in place."""
+    from conftest import TINY_PRETRAIN, launch_in_process
+
+    write_corpus(tmp_path / "corpus")
+    assert main(["data", "prepare", str(tmp_path / "corpus"), "builtin:pydoc", "--out", str(tmp_path / "prepared"),
+                 "--workers", "1", "--vocab-size", "512"]) == 0
+    run_dir = launch_in_process(tmp_path / "runs", "prepared", [*TINY_PRETRAIN, f"data.source={tmp_path / 'prepared'}", "cluster.num_workers=1", "train.max_steps=2"])
+    summary = json.loads((run_dir / "pretrain" / "summary.json").read_text())
+    assert np.isfinite(summary["final_loss"])
+    assert Tokenizer.load(run_dir / "pretrain" / "final").fingerprint == Tokenizer.load(tmp_path / "prepared").fingerprint
+    assert not (run_dir / "data" / "pretrain" / "shards").exists()

@@ -51,8 +51,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a text file, a directory, a glob, or a .jsonl file; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages.")
-    text_field: str = _f("text", "Field holding the text in JSONL corpora.")
+    source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a .txt/.md, .jsonl, .jsonl.gz, .parquet or .arrow file, a directory or glob of them, or a directory made by 'raylm data prepare'; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages.")
+    text_field: str = _f("text", "Field (JSONL) or column (Parquet, Arrow) holding the text.")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
     val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")
 
