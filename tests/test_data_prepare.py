@@ -119,7 +119,7 @@ def test_rerun_is_a_no_op_and_a_changed_input_re_tokenizes_only_its_shard(byte, 
     rewritten = {name for name in after if after[name] != before[name]}
     a_shard = changed["shards"][0]["shard"]
     assert rewritten - {f"{r['shard']}.json" for r in changed["shards"]} == {f"{a_shard}.bin", f"{a_shard}.idx"}
-    assert changed["shards"][1:] == [{**r, "mtime_ns": r["mtime_ns"]} for r in changed["shards"][1:]]
+    assert changed["shards"][2:] == first["shards"][2:]
     np.testing.assert_array_equal(stream_of(out), expected_stream(byte, ["a changed document", *DOCS[1:]]))
     # An input left out loses its shard.
     prepare(inputs[1:], out, byte)

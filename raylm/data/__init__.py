@@ -53,6 +53,7 @@ def _prepared_source(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path
                 f"data.source {source} was prepared with another tokenizer than this run's; "
                 "prepare it with 'raylm data prepare ... --tokenizer <the run's tokenizer/ directory>' or start a new run"
             )
+        _check_vocab(prepared, model_cfg)
         return dataset_dir, read_manifest(dataset_dir), prepared
     if (Path(source) / SHARDS_DIR).is_dir():
         raise UserError(f"data.source {source} is an unfinished prepared dataset (no manifest.json); run 'raylm data prepare ... --out {source}' again")
@@ -60,6 +61,7 @@ def _prepared_source(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path
     tokenizer = tokenizer or _saved_tokenizer(out_dir, data_cfg, model_cfg)
     if tokenizer is None:
         tokenizer = train_tokenizer(tokenizer_sample(inputs, data_cfg.text_field), data_cfg.tokenizer, model_cfg.vocab_size)
+    _check_vocab(tokenizer, model_cfg)  # before minutes of tokenizing
     return out_dir, prepare(inputs, out_dir, tokenizer, data_cfg.text_field), tokenizer
 
 
@@ -69,7 +71,6 @@ def _segments_path(out_dir: Path, split: str) -> Path:
 
 def _pretrain_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
     dataset_dir, manifest, tokenizer = _prepared_source(data_cfg, model_cfg, out_dir, tokenizer)
-    _check_vocab(tokenizer, model_cfg)
     prefixes = shard_prefixes(dataset_dir, manifest)
     # The held-out split is a pure function of the shards, the fraction and the seed; cached here
     # (rank 0 computes it, the other ranks and later runs of the stage read it).

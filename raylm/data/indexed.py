@@ -85,7 +85,7 @@ class IndexedShard:
     def __init__(self, prefix: Union[str, Path]):
         self.prefix = Path(prefix)
         path = idx_path(prefix)
-        fix = f"delete it and run 'raylm data prepare' again"
+        fix = "delete it and run 'raylm data prepare' again"
         try:
             with open(path, "rb") as f:
                 magic, version, code, sequences, doc_indices = HEADER.unpack(f.read(HEADER.size))
@@ -98,10 +98,9 @@ class IndexedShard:
         index = np.memmap(path, mode="r", dtype=np.uint8, offset=HEADER.size)
         if index.size < sequences * 12 + doc_indices * 8:
             raise UserError(f"{path} is truncated; {fix}")
+        # Per sequence: raylm stores one document per sequence; a Megatron dataset split into sentences
+        # has several per document, which still concatenate to the same token stream.
         self.lengths = index[: sequences * 4].view(np.int32)
-        # raylm stores one document per sequence; Megatron's sentence-split datasets keep several per document,
-        # which still concatenate to the same token stream.
-        self.num_documents = doc_indices - 1
         n_tokens = bin_path(prefix).stat().st_size // self.dtype.itemsize if bin_path(prefix).exists() else -1
         if n_tokens != int(self.lengths.sum(dtype=np.int64)):
             raise UserError(f"{bin_path(prefix)} does not hold the {int(self.lengths.sum(dtype=np.int64))} tokens its index lists; {fix}")

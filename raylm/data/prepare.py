@@ -221,7 +221,7 @@ def prepare(
     keep = {r["shard"] + suffix for r in records for suffix in (".bin", ".idx", ".json")}
     for path in shards_dir.iterdir():
         if path.name not in keep:
-            path.unlink()
+            path.unlink(missing_ok=True)  # ranks of a launch may check the same directory at once
     manifest = {
         "format": FORMAT,
         "tokenizer_sha256": tokenizer.fingerprint,
