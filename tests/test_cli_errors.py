@@ -83,7 +83,7 @@ SHORT = [f"{key}={value}" for key, value in (item.split("=", 1) for item in TINY
 
 def _empty_corpus(tmp_path: Path) -> list:
     (tmp_path / "empty.txt").write_text("\n")
-    return ["data.source=empty.txt"], "the sources (empty.txt) hold only empty documents"
+    return ["data.source=empty.txt"], "data.source 'empty.txt' holds only empty documents"
 
 
 def _bad_jsonl_line(tmp_path: Path) -> list:

@@ -178,10 +178,10 @@ def _bad(tmp_path: Path, name: str, content) -> Path:
     "name, content, expected",
     [
         ("notes.csv", "a,b\n", r"notes.csv: unknown format '.csv'; give a .txt"),
-        ("empty.txt", "  \n", r"hold only empty documents"),
+        ("empty.txt", "  \n", r"SOURCE '.*empty.txt' holds only empty documents"),
         ("latin1.txt", b"caf\xe9", r"latin1.txt is not UTF-8 text \(bad byte at offset 3\)"),
         ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl:2: not UTF-8 text"),
-        ("fields.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"fields.jsonl:2: no field 'text' \(fields: body\); set data.text_field"),
+        ("fields.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"fields.jsonl:2: no field 'text' \(fields: body\); set --text-field"),
     ],
 )
 def test_bad_input_is_one_line_naming_file_and_fix(capsys, tmp_path, name, content, expected):
@@ -197,7 +197,7 @@ def test_parquet_without_the_column_names_file_and_columns(capsys, byte, tmp_pat
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     byte.save(tmp_path / "tok")
     line = one_line_error(capsys, "data", "prepare", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--workers", "1", "--tokenizer", str(tmp_path / "tok"))
-    assert f"{tmp_path / 'p.parquet'}: no column 'text' (columns: body); set data.text_field (--text-field)" in line
+    assert f"{tmp_path / 'p.parquet'}: no column 'text' (columns: body); set --text-field to the column holding the text" in line
     pq.write_table(pa.table({"text": ["x", None]}), tmp_path / "n.parquet")
     line = one_line_error(capsys, "data", "prepare", str(tmp_path / "n.parquet"), "--out", str(tmp_path / "out"), "--workers", "1", "--tokenizer", str(tmp_path / "tok"))
     assert "n.parquet: row 1 of column 'text' is null" in line

@@ -43,10 +43,10 @@ def columnar_documents(path: Path, text_field: str) -> Iterator[str]:
     """The strings of column ``text_field``, row by row; a null or a non-text column is a UserError naming the row."""
     schema, batches = _batches(path, text_field)
     if text_field not in schema.names:
-        raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names) or 'none'}); set data.text_field (--text-field) to the column holding the text")
+        raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names) or 'none'}); set data.text_field to the column holding the text")
     column_type = schema.field(text_field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise UserError(f"{path}: column '{text_field}' holds {column_type}, not strings; set data.text_field (--text-field) to the text column")
+        raise UserError(f"{path}: column '{text_field}' holds {column_type}, not strings; set data.text_field to the text column")
     row = 0
     try:
         for batch in batches:

@@ -268,4 +268,5 @@ def tokenizer_sample(inputs: Sequence[str], text_field: str, budget_bytes: int =
 
 
 def _only_empty(inputs: Sequence[str]) -> str:
-    return f"the sources ({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''}) hold only empty documents; point them at text"
+    names = " ".join(repr(i) for i in inputs[:3]) + (" ..." if len(inputs) > 3 else "")
+    return f"data.source {names} holds only empty documents; point it at text"

@@ -67,7 +67,21 @@ def _progress(console: Console) -> Progress:
     )
 
 
+CLI_NAMES = (("data.source", "SOURCE"), ("data.text_field", "--text-field"), ("model.vocab_size", "--vocab-size"))
+"""The readers name the config keys a launch reads; here the same settings are these arguments."""
+
+
 def prepare_command(args) -> int:
+    try:
+        return _prepare(args)
+    except UserError as err:
+        message = str(err)
+        for key, argument in CLI_NAMES:
+            message = message.replace(key, argument)
+        raise UserError(message) from None
+
+
+def _prepare(args) -> int:
     console = Console(stderr=False)
     inputs = source_inputs(args.sources)
     out = Path(args.out).expanduser()
