@@ -326,7 +326,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
-    from raylm.launcher.inference import export_hf, load_stage
+    from raylm.launcher.export import export_hf
+    from raylm.launcher.inference import load_stage
 
     stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
     out = export_hf(stage, Path(args.out))
