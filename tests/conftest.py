@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Nothing may come from the Hugging Face hub; set before transformers, datasets or lm-eval read it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # A short single-stage pretraining run of the tiny preset: every integration test starts from it.
 TINY_PRETRAIN = [
@@ -44,9 +47,9 @@ def one_line_error(capsys, *args: str) -> str:
     return lines[0]
 
 
-def finished_run(runs_dir: Path, name: str = "done") -> Path:
-    """A run directory whose one pretrain stage looks finished, made without Ray or training:
-    the tiny model's fresh weights, a byte tokenizer and a summary, where a stage keeps them."""
+def finished_run(runs_dir: Path, name: str = "done", kind: str = "pretrain", state: Optional[dict] = None) -> Path:
+    """A run directory whose one stage (named after its ``kind``) looks finished, made without Ray or training:
+    the tiny model's fresh weights (or ``state``), a byte tokenizer and a summary, where a stage keeps them."""
     import torch
 
     from raylm.configs.loader import load_config
@@ -55,15 +58,16 @@ def finished_run(runs_dir: Path, name: str = "done") -> Path:
     from raylm.models.llama import Llama
     from raylm.models.weights import save_consolidated
 
-    run = load_config("tiny", [f"runs_dir={runs_dir}", f"name={name}", *TINY_PRETRAIN, "data.tokenizer=byte"])
+    sft_stage = ["stages=[{name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}}]"] if kind == "sft" else []
+    run = load_config("tiny", [f"runs_dir={runs_dir}", f"name={name}", *TINY_PRETRAIN, *sft_stage, "data.tokenizer=byte"])
     run_dir = rundir.create(run, name)
-    final = run_dir / "pretrain" / "final"
+    final = run_dir / kind / "final"
     torch.manual_seed(0)
-    save_consolidated(Llama(run.model).state_dict(), run.model, final)
+    save_consolidated(state if state is not None else Llama(run.model).state_dict(), run.model, final)
     train_tokenizer([], "byte", run.model.vocab_size).save(final)
-    summary = {"stage": "pretrain", "kind": "pretrain", "steps": 5, "final_loss": 5.0, "eval_loss": 5.1, "tokens_per_s": 1.0,
+    summary = {"stage": kind, "kind": kind, "steps": 5, "final_loss": 5.0, "eval_loss": 5.1, "tokens_per_s": 1.0,
                "mfu": 0.0, "sample": "The ", "final_dir": str(final)}
-    (run_dir / "pretrain" / "summary.json").write_text(json.dumps(summary))
+    (run_dir / kind / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
 

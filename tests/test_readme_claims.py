@@ -236,12 +236,13 @@ def test_plan_verdict_flips_at_the_estimated_total(capsys, monkeypatch):
 def greedy(stage, text: str, max_new_tokens: int) -> str:
     """The temperature-0 continuation, one full forward pass per token (no KV cache), as the CLI would print it."""
     tok = stage.tokenizer
-    stop = tok.end_id if stage.kind == "sft" else tok.eos_id
+    # A chat answer ends at end-of-turn or at end-of-text.
+    stop = {tok.end_id, tok.eos_id} if stage.kind == "sft" else {tok.eos_id}
     ids, new = tok.encode(text), []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             token = int(stage.model(torch.tensor([ids + new]))[0, -1].argmax())
-            if token == stop:
+            if token in stop:
                 break
             new.append(token)
     # The CLI holds back a trailing partial UTF-8 character.

@@ -12,6 +12,7 @@ write the assistant content and the ``<|end|>`` closing it.
 
 from __future__ import annotations
 
+import json
 from typing import Dict, List, Sequence, Tuple
 
 from raylm.data.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
@@ -48,6 +49,28 @@ def _segments(messages: Sequence[Message], add_generation_prompt: bool) -> List[
 
 def format_chat(messages: Sequence[Message], add_generation_prompt: bool) -> str:
     return "".join(text for text, _ in _segments(messages, add_generation_prompt))
+
+
+def jinja_chat_template() -> str:
+    """``format_chat`` as the Jinja ``chat_template`` Hugging Face tokenizers render in ``apply_chat_template``.
+
+    Built from the same role tokens, so the two cannot drift apart. Every tag
+    trims the whitespace around it (``-``), so only expressions write text.
+    ``raise_exception`` is the helper transformers gives templates for a
+    conversation they cannot render.
+    """
+    return (
+        "{%- set role_tokens = " + json.dumps(ROLE_TOKENS) + " -%}\n"
+        "{%- for message in messages -%}\n"
+        "  {%- if message['role'] not in role_tokens -%}\n"
+        "    {{- raise_exception('message ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ '; use one of " + ", ".join(ROLE_TOKENS) + "') -}}\n"
+        "  {%- endif -%}\n"
+        "  {{- role_tokens[message['role']] ~ '\\n' ~ message['content'] ~ " + json.dumps(END) + " ~ '\\n' -}}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}\n"
+        "  {{- role_tokens['assistant'] ~ '\\n' -}}\n"
+        "{%- endif -%}\n"
+    )
 
 
 def tokenize_chat(tokenizer: Tokenizer, messages: Sequence[Message]) -> Tuple[List[int], List[int]]:

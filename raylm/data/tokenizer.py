@@ -34,6 +34,17 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 
+HF_SPECIAL_TOKENS = {
+    # No begin-of-sequence token of its own: <|endoftext|> follows every pretraining document, so it is
+    # also what every document but the first starts after (GPT-2's convention, which lm-eval relies on
+    # to score a continuation of an empty context).
+    "bos_token": EOS,
+    "eos_token": EOS,
+    "pad_token": PAD,
+    "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
+}
+"""The special tokens' roles as Hugging Face's tokenizer_config.json names them."""
+
 
 class Tokenizer:
     """A thin wrapper that knows raylm's special tokens."""
@@ -71,6 +82,10 @@ class Tokenizer:
         """Many texts at once; the Rust side spreads them over the cores."""
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
+    def ids_of(self, tokens: Sequence[str]) -> List[int]:
+        """The ids of special tokens (every one of raylm's is in the vocabulary)."""
+        return [self.hf.token_to_id(token) for token in tokens]
+
     def decode(self, ids: Sequence[int]) -> str:
         # Special tokens are kept so that decode(encode(text)) == text for any text.
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -80,13 +95,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(directory / TOKENIZER_FILE))
-        hf_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "additional_special_tokens": [SYSTEM, USER, ASSISTANT, END],
-            "model_max_length": 1_000_000_000,
-        }
+        hf_config = {"tokenizer_class": "PreTrainedTokenizerFast", **HF_SPECIAL_TOKENS, "model_max_length": 1_000_000_000}
         (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
     @classmethod

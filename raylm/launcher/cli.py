@@ -317,8 +317,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.inference import evaluate, load_stage
 
+    if args.tasks is not None and args.data is not None:
+        raise UserError("give --tasks (lm-eval tasks) or --data (held-out loss on a file), not both")
     run_dir = rundir.locate(args.run, args.runs_dir)
     stage = load_stage(run_dir, args.stage)
+    if args.tasks is not None:
+        from raylm.evals.harness import record, run_tasks
+
+        scores = run_tasks(stage, args.tasks)
+        record(run_dir, stage, scores)
+        print(json.dumps({"stage": stage.name, "eval_tasks": scores}))
+        return 0
     result = evaluate(stage, run_dir, args.data, args.max_batches)
     print(json.dumps({"stage": stage.name, **result}))
     return 0
@@ -326,7 +335,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raylm.launcher import run_dir as rundir
-    from raylm.launcher.inference import export_hf, load_stage
+    from raylm.launcher.export import export_hf
+    from raylm.launcher.inference import load_stage
 
     stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
     out = export_hf(stage, Path(args.out))
@@ -401,9 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--runs-dir", default="runs")
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser("eval", help="held-out loss and perplexity of a finished stage")
+    evaluate = sub.add_parser("eval", help="held-out loss and perplexity of a finished stage, or lm-eval tasks (--tasks)")
     evaluate.add_argument("run")
     evaluate.add_argument("--stage", help="default: the last finished stage")
+    evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: built-in ones "
+                          "(raylm_pydoc_nextword, raylm_pydoc_topic, raylm_pydoc_perplexity) or directories of task YAMLs")
     evaluate.add_argument("--data", help="a corpus (pretrain) or JSONL (sft) to evaluate on instead of the held-out split")
     evaluate.add_argument("--max-batches", type=_at_least(1), default=50)
     evaluate.add_argument("--runs-dir", default="runs")

@@ -1,4 +1,4 @@
-"""Using a finished stage outside training: generate, evaluate, export.
+"""Using a finished stage outside training: generate and evaluate (raylm.launcher.export exports it).
 
 Single-process and Ray-free: everything reads a stage's ``final/`` directory
 (consolidated safetensors + tokenizer), so it works on any machine that can
@@ -8,7 +8,6 @@ see the run directory.
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from raylm.data import prepare_dataset
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
 from raylm.launcher import run_dir as rundir
-from raylm.launcher.sample import prompt_for
+from raylm.launcher.sample import prompt_for, stop_tokens
 from raylm.models.generate import stream
 from raylm.models.llama import Llama
 from raylm.models.loss import cross_entropy_loss
@@ -85,14 +84,14 @@ def generate_text(
     ids = tok.encode(text)
     if not ids:
         raise UserError("--prompt is empty; give some text to continue")
-    stop = tok.end_id if stage.kind == "sft" else tok.eos_id
+    stops = tok.ids_of(stop_tokens(stage.kind))
     generator = torch.Generator().manual_seed(seed)
     produced: list = []
     shown = ""
     with torch.no_grad():
         for token in stream(stage.model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_id=stop, generator=generator):
-            if token == stop:
+                            top_p=top_p, eos_id=stops, generator=generator):
+            if token in stops:
                 break
             produced.append(token)
             decoded = tok.decode(produced)
@@ -145,20 +144,3 @@ def _mean_loss(model: Llama, reader, max_batches: int, batch_size: int, what: st
         raise UserError(f"{what} has no sequences to evaluate")
     loss = total / count
     return {"data": what, "sequences": count, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-
-
-def export_hf(stage: FinishedStage, out: Path) -> Path:
-    from raylm.models.hf import save_hf
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a new directory")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; choose a new directory")
-    made = not out.exists()
-    try:
-        return save_hf(stage.model.state_dict(), stage.model_cfg, out, tokenizer_json_path=stage.final_dir / "tokenizer.json")
-    except OSError as err:
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-        raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable directory") from None
-

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
 from raylm.configs.schema import ModelConfig
 from raylm.data.chat import format_chat
-from raylm.data.tokenizer import Tokenizer
+from raylm.data.tokenizer import END, EOS, Tokenizer
 from raylm.models.generate import generate
 from raylm.models.llama import Llama
 
@@ -22,6 +22,15 @@ def prompt_for(kind: str, question: str = SFT_QUESTION) -> str:
     return PRETRAIN_PROMPT
 
 
+def stop_tokens(kind: str) -> List[str]:
+    """The tokens a generation ends at, the first being the one the stage learnt to end with.
+
+    A chat answer ends with <|end|>; an sft model also learnt <|endoftext|> in
+    pretraining, and whatever follows it is no longer the answer.
+    """
+    return [END, EOS] if kind == "sft" else [EOS]
+
+
 def sample_text(state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, kind: str, max_new_tokens: int, seed: int = 0) -> str:
     """A short, reproducible continuation (top-k sampling with a fixed seed)."""
     if max_new_tokens == 0:
@@ -33,6 +42,5 @@ def sample_text(state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tok
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        stop = tokenizer.end_id if kind == "sft" else tokenizer.eos_id  # a chat answer ends with <|end|>
-        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=stop, generator=generator)
+        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=tokenizer.ids_of(stop_tokens(kind)), generator=generator)
     return prompt + tokenizer.decode(out[0, ids.size(1):].tolist())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Collection, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -50,10 +50,11 @@ def stream(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     use_cache: bool = True,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Collection[int], None] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` ids continuing ``prompt_ids`` (1, T), one at a time; stops after ``eos_id``.
+    """Yield up to ``max_new_tokens`` ids continuing ``prompt_ids`` (1, T), one at a time; stops after ``eos_id``
+    (one id, or several: a chat answer ends at end-of-turn or end-of-text).
 
     A prompt longer than ``max_seq_len`` keeps its last ``max_seq_len`` tokens.
     Without the cache every step reruns the last ``max_seq_len`` tokens (a
@@ -67,6 +68,7 @@ def stream(
         return
     max_len = model.cfg.max_seq_len
     ids = prompt_ids[:, -max_len:]
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
@@ -78,7 +80,7 @@ def stream(
         for step in range(max_new_tokens):
             token = pick(logits)
             yield int(token)
-            if int(token) == eos_id or position == max_len or step == max_new_tokens - 1:
+            if int(token) in stops or position == max_len or step == max_new_tokens - 1:
                 return
             logits = model(token.view(1, 1), caches, position)[:, -1]
             position += 1
@@ -86,7 +88,7 @@ def stream(
         for _ in range(max_new_tokens):
             token = pick(model(ids)[:, -1])
             yield int(token)
-            if int(token) == eos_id:
+            if int(token) in stops:
                 return
             ids = torch.cat((ids, token.view(1, 1)), dim=1)[:, -max_len:]
 
@@ -99,7 +101,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     use_cache: bool = True,
-    eos_id: Optional[int] = None,
+    eos_id: Union[int, Collection[int], None] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """The prompt (1, T) followed by the ids ``stream`` yields: (1, T + n)."""

@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors.torch import save_file
@@ -58,11 +58,11 @@ _HF_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 def hf_config(
     cfg: ModelConfig,
     bos_token_id: Optional[int] = None,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Union[int, List[int], None] = None,
     pad_token_id: Optional[int] = None,
     dtype: str = "float32",
 ) -> Dict[str, Any]:
-    """The ``config.json`` of the equivalent ``LlamaForCausalLM``.
+    """The ``config.json`` of the equivalent ``LlamaForCausalLM`` (``eos_token_id`` may list every id that ends a generation).
 
     RoPE and the dtype are written in both the transformers 4 (``rope_theta``,
     ``torch_dtype``) and 5 (``rope_parameters``, ``dtype``) spellings so either reads it.
@@ -222,20 +222,24 @@ def save_hf(
     out_dir: Union[str, Path],
     tokenizer_json_path: Optional[Union[str, Path]] = None,
     special_tokens: Optional[Mapping[str, Any]] = None,
+    stop_tokens: Sequence[str] = (),
+    chat_template: Optional[str] = None,
 ) -> Path:
     """Write a directory ``transformers`` loads offline as ``LlamaForCausalLM`` (and ``AutoTokenizer``).
 
     ``special_tokens`` (e.g. ``{"bos_token": ..., "eos_token": ..., "pad_token": ...,
-    "additional_special_tokens": [...]}``) go into tokenizer_config.json, and
-    the ids of bos/eos/pad (looked up in the tokenizer) into config.json and
-    generation_config.json. They need ``tokenizer_json_path``.
+    "additional_special_tokens": [...]}``) and ``chat_template`` (Jinja) go into
+    tokenizer_config.json, and the ids of bos/pad (looked up in the tokenizer)
+    into config.json and generation_config.json. Their ``eos_token_id`` is the
+    id of each of ``stop_tokens`` (a list when there are several, as
+    ``generate`` accepts), else the eos token's. They need ``tokenizer_json_path``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     special_tokens = dict(special_tokens or {})
-    if special_tokens and tokenizer_json_path is None:
-        raise ValueError("special_tokens need tokenizer_json_path to look up their ids")
-    ids = _special_token_ids(Path(tokenizer_json_path), special_tokens) if tokenizer_json_path else {}
+    if (special_tokens or stop_tokens or chat_template) and tokenizer_json_path is None:
+        raise ValueError("special tokens and a chat template need tokenizer_json_path")
+    ids = _special_token_ids(Path(tokenizer_json_path), special_tokens, stop_tokens) if tokenizer_json_path else {}
 
     hf_sd = to_hf_state_dict(model_state_dict, cfg.tie_embeddings)
     # Safetensors refuses tensors sharing storage; each tensor is written on its own.
@@ -250,27 +254,38 @@ def save_hf(
 
     if tokenizer_json_path is not None:
         shutil.copyfile(tokenizer_json_path, out_dir / TOKENIZER_FILE)
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len, **special_tokens}
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_seq_len,
+            # Decoding gives back exactly the text that was encoded, as raylm's own decode does.
+            "clean_up_tokenization_spaces": False,
+            **special_tokens,
+        }
+        if chat_template is not None:
+            tokenizer_config["chat_template"] = chat_template
         _write_json(out_dir / TOKENIZER_CONFIG_FILE, tokenizer_config)
     return out_dir
 
 
-def _special_token_ids(tokenizer_json_path: Path, special_tokens: Mapping[str, Any]) -> Dict[str, int]:
-    """Ids of the bos/eos/pad tokens named in ``special_tokens``."""
+def _special_token_ids(tokenizer_json_path: Path, special_tokens: Mapping[str, Any], stop_tokens: Sequence[str]) -> Dict[str, Any]:
+    """Ids of the bos/eos/pad tokens named in ``special_tokens``; the eos id is that of each stop token when there are any."""
     from tokenizers import Tokenizer
 
     if not tokenizer_json_path.is_file():
         raise UserError(f"no tokenizer at {tokenizer_json_path}; pass the path of a tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tokenizer_json_path))
-    ids = {}
-    for role in ("bos_token", "eos_token", "pad_token"):
-        token = special_tokens.get(role)
-        if token is None:
-            continue
-        token_id = tokenizer.token_to_id(token)
-        if token_id is None:
+
+    def token_id(role: str, token: str) -> int:
+        found = tokenizer.token_to_id(token)
+        if found is None:
             raise UserError(f"{role} {token!r} is not in {tokenizer_json_path}; name a token of that tokenizer")
-        ids[role] = token_id
+        return found
+
+    ids: Dict[str, Any] = {role: token_id(role, special_tokens[role]) for role in ("bos_token", "eos_token", "pad_token")
+                           if special_tokens.get(role) is not None}
+    if stop_tokens:
+        stops = [token_id("stop token", token) for token in stop_tokens]
+        ids["eos_token"] = stops[0] if len(stops) == 1 else stops
     return ids
 
 
