@@ -10,8 +10,8 @@ import torch
 
 from conftest import finished_run, one_line_error, read_metrics
 from raylm.configs.loader import load_config, resolve_stage
-from raylm.data.corpus import BUILTIN_PYDOC, iter_documents, pydoc_topics
-from raylm.data.packed import build_packed
+from raylm.data import prepare_dataset
+from raylm.data.corpus import pydoc_topics
 from raylm.data.tokenizer import train_tokenizer
 from raylm.evals.builtin import BUILTIN_TASKS, NEXTWORD, held_out_topics, write_builtin_tasks
 from raylm.launcher import run_dir as rundir
@@ -46,8 +46,8 @@ def test_builtin_tasks_use_exactly_the_topics_pretraining_held_out(tmp_path):
     run = load_config("tiny", ["stages=[{name: pretrain, kind: pretrain}]", "data.tokenizer=byte"])
     tokenizer = train_tokenizer([], "byte", run.model.vocab_size)
     cfg = resolve_stage(run, 0)
-    build_packed(iter_documents(BUILTIN_PYDOC), tokenizer, tmp_path, cfg.data.val_fraction, cfg.train.seed)
-    held_out = split_documents(tokenizer, tmp_path / "val.bin")
+    _, val, _ = prepare_dataset("pretrain", cfg.data, cfg.model, tmp_path, cfg.train.seed, tokenizer=tokenizer)
+    held_out = split_documents(tokenizer, val)
     assert sorted(text for _, text in held_out_topics(run, 0, tokenizer)) == sorted(held_out)
     # A run that never pretrained on the help topics may be asked about every one.
     corpus = tmp_path / "corpus.txt"
