@@ -338,7 +338,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from raylm.launcher.export import export_hf
     from raylm.launcher.inference import load_stage
 
-    stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
+    if args.quant is not None and args.format != "gguf":
+        raise UserError(f"--quant {args.quant} applies to --format gguf only; drop it or add --format gguf")
+    run_dir = rundir.locate(args.run, args.runs_dir)
+    stage = load_stage(run_dir, args.stage)
+    if args.format == "gguf":
+        from raylm.models.gguf_export import export_gguf
+
+        quant = args.quant or "f16"
+        out = export_gguf(stage.model.state_dict(), stage.model_cfg, stage.tokenizer, Path(args.out), quant, f"{run_dir.name}-{stage.name}")
+        print(f"exported {stage.name} as a llama.cpp GGUF ({quant}) to {out}")
+        return 0
     out = export_hf(stage, Path(args.out))
     print(f"exported {stage.name} as a Hugging Face Llama to {out}")
     return 0
@@ -423,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a finished stage in another format")
     export.add_argument("run")
-    export.add_argument("--format", choices=("hf",), default="hf")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a Hugging Face Llama directory; gguf: one llama.cpp file")
+    export.add_argument("--quant", choices=("f16", "q8_0"), help="gguf matrices (default f16; norms stay f32)")
     export.add_argument("--out", required=True)
     export.add_argument("--stage", help="default: the last finished stage")
     export.add_argument("--runs-dir", default="runs")
