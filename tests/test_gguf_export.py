@@ -256,3 +256,16 @@ def test_bad_export_options_are_one_line_errors(run_dir, tmp_path, capsys, args,
     assert fragment in line
     assert (tmp_path / "taken.gguf").read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "taken.gguf"]
+
+
+def test_an_sft_stage_carries_raylms_chat_template_and_a_pretraining_one_none(run_dir, tmp_path, bpe_tokenizer):
+    """llama.cpp's chat mode formats turns with ``tokenizer.chat_template``: the same Jinja template as the
+    Hugging Face export (whose rendering the HF chat tests check token for token)."""
+    from raylm.data.chat import jinja_chat_template
+
+    sft = finished_run(tmp_path / "runs", kind="sft", state=tied_model(run_dir).state_dict())
+    bpe_tokenizer.save(sft / "sft" / "final")
+    assert main(["export", str(sft), "--format", "gguf", "--out", str(tmp_path / "sft.gguf")]) == 0
+    assert field(gguf.GGUFReader(tmp_path / "sft.gguf"), "tokenizer.chat_template") == jinja_chat_template()
+    assert main(["export", str(run_dir), "--format", "gguf", "--out", str(tmp_path / "pretrain.gguf")]) == 0
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(tmp_path / "pretrain.gguf").fields

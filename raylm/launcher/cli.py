@@ -343,10 +343,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     run_dir = rundir.locate(args.run, args.runs_dir)
     stage = load_stage(run_dir, args.stage)
     if args.format == "gguf":
+        from raylm.data.chat import jinja_chat_template
         from raylm.models.gguf_export import export_gguf
 
         quant = args.quant or "f16"
-        out = export_gguf(stage.model.state_dict(), stage.model_cfg, stage.tokenizer, Path(args.out), quant, f"{run_dir.name}-{stage.name}")
+        template = jinja_chat_template() if stage.kind == "sft" else None
+        out = export_gguf(stage.model.state_dict(), stage.model_cfg, stage.tokenizer, Path(args.out), quant, f"{run_dir.name}-{stage.name}",
+                          template)
         print(f"exported {stage.name} as a llama.cpp GGUF ({quant}) to {out}")
         return 0
     out = export_hf(stage, Path(args.out))

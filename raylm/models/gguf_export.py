@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,8 +105,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: in
     writer.add_add_bos_token(False)  # raylm's prompts start without one
 
 
-def write_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, path: Path, quant: str, name: str) -> None:
-    """Write the model as a llama.cpp GGUF file at ``path`` (f16 or q8_0 matrices, f32 norms)."""
+def write_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, path: Path, quant: str, name: str,
+               chat_template: Optional[str] = None) -> None:
+    """Write the model as a llama.cpp GGUF file at ``path`` (f16 or q8_0 matrices, f32 norms); an sft stage's
+    ``chat_template`` (Jinja, as in the Hugging Face export) lets llama.cpp's chat mode format turns as raylm does."""
     file_type, qtype = QUANTS[quant]
     writer = gguf.GGUFWriter(path, ARCH)  # writes general.architecture
     writer.add_name(name)
@@ -123,6 +125,8 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokeniz
     writer.add_rope_dimension_count(head_dim(cfg))
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     _add_tokenizer(writer, tokenizer, cfg.vocab_size)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for tensor_name, array in gguf_tensors(state_dict, cfg).items():
         data, data_type = _encoded(array, qtype)
         writer.add_tensor(tensor_name, data, raw_dtype=data_type)
@@ -133,7 +137,8 @@ def write_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokeniz
     writer.close()
 
 
-def export_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, out: Path, quant: str, name: str) -> Path:
+def export_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, out: Path, quant: str, name: str,
+                chat_template: Optional[str] = None) -> Path:
     """``raylm export --format gguf``: ``out`` is a new ``.gguf`` file, or a directory that gets ``{name}-{quant}.gguf``."""
     if out.suffix != ".gguf" and out.is_file():
         raise UserError(f"--out {out} is a file; give a new .gguf file name or a directory")
@@ -143,7 +148,7 @@ def export_gguf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, tokeni
     # Written aside and renamed: an interrupted export never leaves a truncated .gguf behind.
     partial = path.with_name(path.name + ".partial")
     try:
-        write_gguf(state_dict, cfg, tokenizer, partial, quant, name)
+        write_gguf(state_dict, cfg, tokenizer, partial, quant, name, chat_template)
         os.replace(partial, path)
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable path") from None
