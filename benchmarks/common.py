@@ -35,7 +35,7 @@ def run_on_ray(root: Path, name: str, overrides: List[str], info) -> dict:
     from rich.console import Console
 
     from raylm.configs.loader import load_config
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.stages import run_all
 
     run = load_config("tiny", [f"runs_dir={root}", f"name={name}", *overrides])

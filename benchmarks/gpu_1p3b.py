@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from raylm.configs.loader import load_config
-from raylm.launcher.mfu import measured_peak
+from raylm.trainer.mfu import measured_peak
 from raylm.models.flops import flops_per_token
 
 WARMUP_STEPS = 3
@@ -63,7 +63,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="raylm-gpu-check-"))
     run_dir = scratch / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-               "-m", "raylm.launcher.torchrun_main", "--run-dir", str(run_dir), args.preset, *overrides]
+               "-m", "raylm.trainer.torchrun_main", "--run-dir", str(run_dir), args.preset, *overrides]
     began = time.perf_counter()
     with open(args.out / "train.log", "w") as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

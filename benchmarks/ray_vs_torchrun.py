@@ -25,7 +25,7 @@ from common import pretrain_overrides, run_on_ray, write_result
 def torchrun_run(root: Path, name: str, overrides: list, workers: int) -> dict:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={workers}", "--master-addr=127.0.0.1", "--master-port=29533",
-        "-m", "raylm.launcher.torchrun_main", "--run-dir", str(root / name), "tiny", *overrides,
+        "-m", "raylm.trainer.torchrun_main", "--run-dir", str(root / name), "tiny", *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from raylm.cluster.connect import start_or_connect
-    from raylm.launcher.mfu import measure_matmul_peak
+    from raylm.trainer.mfu import measure_matmul_peak
 
     torch.set_num_threads(1)
     peak_fp32 = measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=2.0)

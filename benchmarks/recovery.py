@@ -58,7 +58,7 @@ def main() -> None:
 
     from raylm.cluster.connect import start_or_connect
     from raylm.configs.loader import load_config
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.stages import run_all
 
     parser = argparse.ArgumentParser()

@@ -54,7 +54,7 @@ def finished_run(runs_dir: Path, name: str = "done", kind: str = "pretrain", sta
 
     from raylm.configs.loader import load_config
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.models.llama import Llama
     from raylm.models.weights import save_consolidated
 
@@ -106,7 +106,7 @@ def launch_in_process(tmp_path: Path, name: str, overrides: List[str], source: s
     from rich.console import Console
 
     from raylm.configs.loader import load_config
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.stages import run_all
 
     run = load_config(source, [f"runs_dir={tmp_path}", f"name={name}", *overrides])
@@ -119,7 +119,7 @@ def resume_in_process(run_dir: Path, overrides: List[str]) -> None:
     """What `raylm resume <run> --set ...` does, on the session's Ray cluster."""
     from rich.console import Console
 
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.resume import with_resume_overrides
     from raylm.launcher.stages import run_all
 
@@ -162,7 +162,7 @@ def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
 
     from numerics import training_rel
     from raylm.configs.loader import from_yaml_file, resolve_stage
-    from raylm.launcher.worker import build_dense_model
+    from raylm.trainer.worker import build_dense_model
 
     cfg = resolve_stage(from_yaml_file(reference / "config.yaml"), 0)
     expected, got = losses(reference), losses(run_dir)

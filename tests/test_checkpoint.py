@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from raylm.launcher.checkpoint import TrainerState, describe_files, read_state, step_dir_name, step_dirs, verify, write_manifest
+from raylm.trainer.checkpoint import TrainerState, describe_files, read_state, step_dir_name, step_dirs, verify, write_manifest
 
 STATE = TrainerState(step=3, consumed_samples=48, tokens_seen=6144, world_size=2, tp=1, pp=1, dp=2)
 

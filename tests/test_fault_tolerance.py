@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
 from faults import latest_step, signal_worker, when_step_reached, worker_pids
-from raylm.launcher.checkpoint import read_state, step_dirs, verify
+from raylm.trainer.checkpoint import read_state, step_dirs, verify
 
 pytestmark = pytest.mark.slow
 

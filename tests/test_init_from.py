@@ -5,7 +5,7 @@ import torch
 
 from raylm.configs.loader import load_config
 from raylm.errors import UserError
-from raylm.launcher.worker import build_dense_model
+from raylm.trainer.worker import build_dense_model
 from raylm.models.hf import save_hf
 from raylm.models.llama import Llama
 from raylm.models.weights import save_consolidated

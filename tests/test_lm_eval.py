@@ -14,7 +14,7 @@ from raylm.data import prepare_dataset
 from raylm.data.corpus import pydoc_topics
 from raylm.data.tokenizer import train_tokenizer
 from raylm.evals.builtin import BUILTIN_TASKS, NEXTWORD, held_out_topics, write_builtin_tasks
-from raylm.launcher import run_dir as rundir
+from raylm.trainer import run_dir as rundir
 from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
 from test_data import split_documents
@@ -94,7 +94,7 @@ def _eval(capsys, *args: str) -> dict:
 def test_eval_runs_lm_eval_tasks_deterministically_and_records_the_scores(tmp_path, capsys):
     from wandb_records import read_run
 
-    from raylm.launcher.metrics import WandbRun
+    from raylm.trainer.metrics import WandbRun
 
     run_dir = finished_run(tmp_path / "runs")
     run = rundir.load(run_dir)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from raylm.launcher.mfu import configured_peak, measured_peak, mfu
+from raylm.trainer.mfu import configured_peak, measured_peak, mfu
 
 CPU = torch.device("cpu")
 

@@ -34,12 +34,12 @@ from raylm.configs.loader import load_config, resolve_stage
 from raylm.data.corpus import BUILTIN_PYDOC, input_documents
 from raylm.data.tokenizer import ASSISTANT, END, USER, train_tokenizer
 from raylm.errors import UserError
-from raylm.launcher import run_dir as rundir
+from raylm.trainer import run_dir as rundir
 from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
-from raylm.launcher.layout import FINAL_DIR, STAGE_SUMMARY
-from raylm.launcher.stage_data import TOKENIZER_DIR
-from raylm.launcher.worker import build_dense_model, check_init_weights, initial_weights
+from raylm.trainer.layout import FINAL_DIR, STAGE_SUMMARY
+from raylm.trainer.stage_data import TOKENIZER_DIR
+from raylm.trainer.worker import build_dense_model, check_init_weights, initial_weights
 from raylm.models.hf import hf_config, save_hf, to_hf_state_dict
 from raylm.models.llama import Llama
 from raylm.models.weights import load_any, save_consolidated

@@ -1,5 +1,5 @@
 from raylm.configs.schema import OptimConfig
-from raylm.launcher.schedule import lr_factor
+from raylm.trainer.schedule import lr_factor
 
 
 def test_warmup_then_cosine_to_min_ratio():

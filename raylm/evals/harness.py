@@ -111,9 +111,9 @@ def run_tasks(stage: FinishedStage, spec: str) -> Dict[str, Dict[str, float]]:
 def record(run_dir: Path, stage: FinishedStage, scores: Dict[str, Dict[str, float]]) -> None:
     """Add the scores to ``<stage>/summary.json`` (under "eval_tasks"), ``metrics.jsonl`` and the stage's W&B run."""
     from raylm.configs.loader import dump_nested, resolve_stage
-    from raylm.launcher import run_dir as rundir
-    from raylm.launcher.layout import METRICS_FILE, STAGE_SUMMARY
-    from raylm.launcher.metrics import WANDB_ID_FILE, MetricsFile, WandbRun
+    from raylm.trainer import run_dir as rundir
+    from raylm.trainer.layout import METRICS_FILE, STAGE_SUMMARY
+    from raylm.trainer.metrics import WANDB_ID_FILE, MetricsFile, WandbRun
 
     summary = rundir.stage_summary(run_dir, stage.name)
     summary["eval_tasks"] = {**summary.get("eval_tasks", {}), **scores}

@@ -94,7 +94,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     run = resolved_config(args)
 
     from raylm.cluster.connect import choose_address, probe, start_or_connect
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.stages import check_init_from, prepare_data, run_all
 
     if args.resume_if_exists:
@@ -144,7 +144,7 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.resume import with_resume_overrides
     from raylm.launcher.status import driver_alive
 
@@ -156,7 +156,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _continue(run_dir: Path, run: RunConfig, address_setting: str = "cluster.address") -> None:
     """Run a run's unfinished stages from their last complete checkpoints (resume, or a relaunch of an existing run)."""
     from raylm.cluster.connect import choose_address, start_or_connect
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.stages import run_all
     from raylm.launcher.status import driver_alive
 
@@ -175,7 +175,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import tempfile
 
     from raylm.cluster import jobs
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
 
     config, overrides = _split_config_and_overrides(args)
     run = load_config(config, [*overrides, *([f"name={args.name}"] if args.name else [])])
@@ -216,7 +216,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.status import list_runs, run_status
 
     runs = [rundir.locate(args.run, args.runs_dir)] if args.run else list_runs(Path(args.runs_dir))
@@ -280,7 +280,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.inference import check_sampling, generate_text, load_stage
 
     check_sampling(args.temperature, args.top_k or None, args.top_p)  # before any run is looked up
@@ -314,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.inference import evaluate, load_stage
 
     if args.tasks is not None and args.data is not None:
@@ -334,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raylm.launcher import run_dir as rundir
+    from raylm.trainer import run_dir as rundir
     from raylm.launcher.export import export_hf
     from raylm.launcher.inference import load_stage
 

@@ -14,7 +14,7 @@ from raylm.data.chat import jinja_chat_template
 from raylm.data.tokenizer import HF_SPECIAL_TOKENS, TOKENIZER_FILE
 from raylm.errors import UserError
 from raylm.launcher.inference import FinishedStage
-from raylm.launcher.sample import stop_tokens
+from raylm.trainer.sample import stop_tokens
 from raylm.models.hf import save_hf
 
 

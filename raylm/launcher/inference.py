@@ -21,8 +21,8 @@ from raylm.configs.schema import ModelConfig, RunConfig
 from raylm.data import prepare_dataset
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
-from raylm.launcher import run_dir as rundir
-from raylm.launcher.sample import prompt_for, stop_tokens
+from raylm.trainer import run_dir as rundir
+from raylm.trainer.sample import prompt_for, stop_tokens
 from raylm.models.generate import stream
 from raylm.models.llama import Llama
 from raylm.models.loss import cross_entropy_loss

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from raylm.launcher.layout import METRICS_FILE
-from raylm.launcher.metrics import read_records
+from raylm.trainer.layout import METRICS_FILE
+from raylm.trainer.metrics import read_records
 
 LOSS_PNG = "loss.png"
 

@@ -14,7 +14,7 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from raylm.launcher.metrics import parse_record
+from raylm.trainer.metrics import parse_record
 
 
 class StageProgress:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
-from raylm.launcher import run_dir as rundir
-from raylm.launcher.layout import CONFIG_FILE, LOGS_DIR
+from raylm.trainer import run_dir as rundir
+from raylm.trainer.layout import CONFIG_FILE, LOGS_DIR
 from raylm.launcher.ray_session import RaySession
 from raylm.parallelism.zero import usable_world_size
 
@@ -109,7 +109,7 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    from raylm.launcher.worker import train_stage
+    from raylm.trainer.worker import train_stage
 
     run_dir, stage = Path(config["run_dir"]), config["stage_name"]
     _log_to_file(run_dir / stage)

@@ -9,8 +9,8 @@ from typing import List
 
 import ray.train
 
-from raylm.launcher.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs
-from raylm.launcher.session import newest_first_unique
+from raylm.trainer.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs
+from raylm.trainer.session import newest_first_unique
 
 
 class RaySession:

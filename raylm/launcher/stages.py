@@ -15,13 +15,13 @@ from raylm.cluster.connect import ClusterInfo, check_capacity, wants_gpu
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.errors import StageFailed, UserError
-from raylm.launcher import run_dir as rundir
+from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
-from raylm.launcher.stage_data import StageData, prepare_stage_data
-from raylm.launcher.worker import check_init_weights, initial_weights
-from raylm.launcher.checkpoint import RAY_SNAPSHOT, registered_by_ray
-from raylm.launcher.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
+from raylm.trainer.stage_data import StageData, prepare_stage_data
+from raylm.trainer.worker import check_init_weights, initial_weights
+from raylm.trainer.checkpoint import RAY_SNAPSHOT, registered_by_ray
+from raylm.trainer.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
 
 
 def _worker_error_message(err: BaseException) -> str:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from raylm.launcher import run_dir as rundir
-from raylm.launcher.checkpoint import read_state, step_dirs, verify
-from raylm.launcher.layout import CONFIG_FILE, DRIVER_FILE, METRICS_FILE
-from raylm.launcher.metrics import read_records
+from raylm.trainer import run_dir as rundir
+from raylm.trainer.checkpoint import read_state, step_dirs, verify
+from raylm.trainer.layout import CONFIG_FILE, DRIVER_FILE, METRICS_FILE
+from raylm.trainer.metrics import read_records
 
 
 @dataclass

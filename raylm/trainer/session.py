@@ -15,7 +15,7 @@ from typing import List, Optional, Protocol
 
 import torch.distributed as dist
 
-from raylm.launcher.checkpoint import MANIFEST, step_dir_name, step_dirs
+from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs
 
 
 class Session(Protocol):

@@ -13,8 +13,8 @@ from raylm.configs.loader import from_yaml_file, to_yaml
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
 from raylm.files import read_json
-from raylm.launcher.checkpoint import step_dirs
-from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
+from raylm.trainer.checkpoint import step_dirs
+from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, STAGE_SUMMARY
 
 
 def fresh_name(prefix: str, runs_dir: Path) -> str:

@@ -1,7 +1,7 @@
 """The per-rank training loop of one stage.
 
 Runs unchanged under Ray Train (``raylm.launcher.ray_entry``) and under
-``torchrun`` (``python -m raylm.launcher.torchrun_main``): it reads the run's
+``torchrun`` (``python -m raylm.trainer.torchrun_main``): it reads the run's
 config.yaml, joins the process group its launcher set up (or sets one up from
 the torchrun environment), and talks to the launcher only through a
 ``Session``. No Ray import here.
@@ -26,15 +26,15 @@ import torch.distributed as dist
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
-from raylm.launcher.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
-from raylm.launcher.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
-from raylm.launcher.metrics import MetricsFile, WandbRun, read_records
-from raylm.launcher.mfu import Peak, configured_peak, measured_peak, mfu
-from raylm.launcher.schedule import lr_factor
-from raylm.launcher.session import Session
-from raylm.launcher.sample import sample_text
-from raylm.launcher.stage_data import load_stage_data
-from raylm.launcher.watchdog import HangWatchdog
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
+from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
+from raylm.trainer.metrics import MetricsFile, WandbRun, read_records
+from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
+from raylm.trainer.schedule import lr_factor
+from raylm.trainer.session import Session
+from raylm.trainer.sample import sample_text
+from raylm.trainer.stage_data import load_stage_data
+from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
 from raylm.models.weights import check_weights, load_any, save_consolidated

@@ -1,6 +1,6 @@
 """Run one stage's per-rank code under torchrun, without Ray.
 
-    torchrun --nproc-per-node 2 -m raylm.launcher.torchrun_main --run-dir runs/x [config] [key=value ...]
+    torchrun --nproc-per-node 2 -m raylm.trainer.torchrun_main --run-dir runs/x [config] [key=value ...]
 
 This is the baseline the benchmarks compare Ray Train against: the same
 ``train_stage`` code, checkpoints written straight into the run directory.
@@ -19,13 +19,13 @@ import torch.distributed as dist
 
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.errors import UserError
-from raylm.launcher import run_dir as rundir
-from raylm.launcher.session import LocalSession
-from raylm.launcher.worker import train_stage
+from raylm.trainer import run_dir as rundir
+from raylm.trainer.session import LocalSession
+from raylm.trainer.worker import train_stage
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="raylm.launcher.torchrun_main")
+    parser = argparse.ArgumentParser(prog="raylm.trainer.torchrun_main")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--stage", type=int, default=0, help="index of the stage to run")
     parser.add_argument("config", nargs="?")
