@@ -111,6 +111,10 @@ def build_pipeline(
         loss_fn=loss_fn,
         partition_method="parameters",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        # Only blocks recompute, as on the pp=1 path. DeepSpeed's checkpoint is
+        # reentrant: wrapped around the embedding, whose input is integer tokens,
+        # its output would not require grad and cut the embedding off from autograd.
+        checkpointable_layers=[BlockPipe.__name__],
     )
 
 
