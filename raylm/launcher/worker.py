@@ -189,6 +189,10 @@ class StageTrainer:
         self.seq_len = self.cfg.model.max_seq_len
         self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
+        # Every rank runs its stage's forward once per micro-batch, training or
+        # evaluating; a middle pipeline stage never touches the data, so the
+        # heartbeat goes here rather than where batches are read.
+        self.par.module.register_forward_pre_hook(lambda *_: self.watchdog.beat())
 
     def _build_engine(self):
         import deepspeed
@@ -319,12 +323,10 @@ class StageTrainer:
             indices = self.data.order.micro_batch_indices(
                 self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.micro_batch, accum_step
             )
-            self.watchdog.beat()
             yield self._micro_batch(self.data.train, indices)
 
     def _eval_micro_batches(self):
         for indices in eval_indices(self.data.val.num_samples, self.cfg.train.eval_batches, self.dp_rank, self.dp_size, self.micro_batch):
-            self.watchdog.beat()
             yield self._micro_batch(self.data.val, indices)
 
     def train_step(self) -> float:
