@@ -84,6 +84,7 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray.train.torch
     import torch.distributed as dist
 
     from raylm.launcher.worker import train_stage
@@ -102,4 +103,6 @@ def train_loop_per_worker(config: dict) -> None:
             _wait_out_the_stage(run_dir, stage)
             return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
-    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last))
+    # The GPU Ray assigned this worker (LOCAL_RANK need not be its index), or the CPU.
+    device = ray.train.torch.get_device()
+    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last), device)
