@@ -204,10 +204,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from raylm.launcher import run_dir as rundir
     from raylm.launcher.inference import export_hf, load_stage
 
-    stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage)
+    stage = load_stage(rundir.locate(args.run, args.runs_dir), args.stage, device=torch.device("cpu"))  # export only copies weights
     out = export_hf(stage, Path(args.out))
     print(f"exported {stage.name} as a Hugging Face Llama to {out}")
     return 0

@@ -22,17 +22,20 @@ def prompt_for(kind: str, question: str = SFT_QUESTION) -> str:
     return PRETRAIN_PROMPT
 
 
-def sample_text(state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, kind: str, max_new_tokens: int, seed: int = 0) -> str:
-    """A short, reproducible continuation (top-k sampling with a fixed seed)."""
+def sample_text(
+    state: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: Tokenizer, kind: str, max_new_tokens: int,
+    device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> str:
+    """A short, reproducible continuation (top-k sampling with a fixed seed) from weights ``state``, computed on ``device`` in ``dtype``."""
     if max_new_tokens == 0:
         return ""
-    model = Llama(cfg)
+    with torch.device(device):
+        model = Llama(cfg)
     model.load_state_dict(state)
-    model.eval()
+    model.to(dtype).eval()
     prompt = prompt_for(kind)
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         stop = tokenizer.end_id if kind == "sft" else tokenizer.eos_id  # a chat answer ends with <|end|>
-        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=stop, generator=generator)
+        out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, eos_id=stop, seed=seed)
     return prompt + tokenizer.decode(out[0, ids.size(1):].tolist())

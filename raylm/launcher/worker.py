@@ -366,7 +366,8 @@ class StageTrainer:
             final_dir = self.stage_dir / FINAL_DIR
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
-            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens)
+            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
+                                 self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
             summary = {
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
