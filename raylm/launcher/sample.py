@@ -11,6 +11,7 @@ from raylm.data.chat import format_chat
 from raylm.data.tokenizer import Tokenizer
 from raylm.models.generate import generate
 from raylm.models.llama import Llama
+from raylm.models.weights import with_tied_head
 
 PRETRAIN_PROMPT = "The "
 SFT_QUESTION = "Explain the Python topic 'lambda'."
@@ -31,7 +32,7 @@ def sample_text(
         return ""
     with torch.device(device):
         model = Llama(cfg)
-    model.load_state_dict(state)
+    model.load_state_dict(with_tied_head(state, cfg))
     model.to(dtype).eval()
     prompt = prompt_for(kind)
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)

@@ -38,6 +38,7 @@ from raylm.models.weights import load_any, model_config_of, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
+from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
 from raylm.parallelism.topology import Topology
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
@@ -146,6 +147,7 @@ class StageTrainer:
         )
         max_steps = self.cfg.train.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
+        weights = fp32_weights(self.par) if self.bf16 else None
         engine, _, _, _ = deepspeed.initialize(
             model=self.par.module.to(self.ctx.device),
             optimizer=optimizer,
@@ -153,6 +155,10 @@ class StageTrainer:
             config=deepspeed_config(self.cfg, self.dp_size, self.bf16),
             mpu=self.par.mpu,
         )
+        if weights is not None:
+            # DeepSpeed made its fp32 masters from the bf16-rounded module; a
+            # stage starting from given (or seeded) weights starts from them exactly.
+            set_master_weights(engine, self.par, weights)
         return engine
 
     # ----------------------------------------------------------------- logging
@@ -360,7 +366,7 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: float) -> Dict:
         self.watchdog.beat()
-        full_state = self.par.consolidated_state_dict(self.engine)
+        full_state = consolidated_state_dict(self.engine, self.par)
         summary: Dict = {}
         if self.ctx.rank == 0:
             final_dir = self.stage_dir / FINAL_DIR

@@ -30,6 +30,11 @@ def save_consolidated(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, out
     (out_dir / CONFIG).write_text(json.dumps({"format": "raylm", "model": asdict(cfg)}, indent=2))
 
 
+def with_tied_head(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """``state_dict`` as ``Llama.load_state_dict`` wants it: a tied head (stored once) points at the embedding."""
+    return {**state_dict, TIED_HEAD: state_dict["tok_embeddings.weight"]} if cfg.tie_embeddings else state_dict
+
+
 def is_raylm_dir(path: Path) -> bool:
     try:
         return json.loads((path / CONFIG).read_text()).get("format") == "raylm"
@@ -58,10 +63,7 @@ def load_consolidated(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; point at a stage's final/ directory")
     cfg = _raylm_model_config(path)
-    state = load_file(str(path / WEIGHTS))
-    if cfg.tie_embeddings:
-        state[TIED_HEAD] = state["tok_embeddings.weight"]
-    return cfg, state
+    return cfg, with_tied_head(load_file(str(path / WEIGHTS)), cfg)
 
 
 def load_any(path: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
