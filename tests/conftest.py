@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import List
 
@@ -83,6 +84,16 @@ def resume_in_process(run_dir: Path, overrides: List[str]) -> None:
     run = with_resume_overrides(rundir.load(run_dir), overrides)
     rundir.save_config(run_dir, run)
     run_all(run_dir, run, ray_info(), Console(quiet=True))
+
+
+def forget_after(run_dir: Path, step: int) -> None:
+    """Leave the stage as a job that died right after checkpoint ``step`` would have left it."""
+    stage_dir = run_dir / "pretrain"
+    for path in stage_dir.glob("step_*"):
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(stage_dir / "final")
+    (stage_dir / "summary.json").unlink()
 
 
 @pytest.fixture(scope="session")
