@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -128,10 +129,27 @@ def resume_in_process(run_dir: Path, overrides: List[str]) -> None:
     run_all(run_dir, run, ray_info(), Console(quiet=True))
 
 
+def forget_after(run_dir: Path, step: int) -> None:
+    """Leave the stage as a job that died right after checkpoint ``step`` would have left it."""
+    stage_dir = run_dir / "pretrain"
+    for path in stage_dir.glob("step_*"):
+        if int(path.name.split("_")[1]) > step:
+            shutil.rmtree(path)
+    shutil.rmtree(stage_dir / "final")
+    (stage_dir / "summary.json").unlink()
+
+
 @pytest.fixture(scope="session")
 def single_worker(ray_cluster, tmp_path_factory) -> Path:
     """The reference every layout must reproduce: one worker, no sharding."""
     return launch_in_process(tmp_path_factory.mktemp("single"), "single", [*TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0"])
+
+
+@pytest.fixture(scope="session")
+def untied_single_worker(ray_cluster, tmp_path_factory) -> Path:
+    """The reference for an untied output head (the 1.3b preset's kind)."""
+    return launch_in_process(tmp_path_factory.mktemp("untied"), "untied", [
+        *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "model.tie_embeddings=false"])
 
 
 # Runs that checkpoint at step 3 (and 5): parity tests check them, resharding tests continue them elsewhere.

@@ -118,6 +118,20 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
 
+def test_middle_pipeline_stage_is_not_taken_for_hung(ray_cluster, tmp_path):
+    """pp=3: the middle stage never reads a batch, yet trains on past fault.hang_timeout_s without a restart."""
+    hang_timeout = 10  # the process-group timeout too: shorter risks startup skew between workers on 2 cores
+    run_dir = launch_in_process(tmp_path, "pp3", [
+        *TINY_PRETRAIN, "model.n_layer=6", "parallel.pp=3", "parallel.zero_stage=1", "cluster.num_workers=3",
+        "train.max_steps=100", "train.log_every=10", f"fault.hang_timeout_s={hang_timeout}", "fault.max_failures=0"])
+    assert _events(run_dir, "restart") == []
+    assert losses(run_dir)[-1] < losses(run_dir)[0]
+    start, end = read_metrics(run_dir, kind="start")[0], read_metrics(run_dir, kind="end")[0]
+    assert end["step"] == 100
+    # Only a stage that outlasts the timeout shows the heartbeat works (before the fix rank 1 exited here).
+    assert end["time"] - start["time"] > hang_timeout, "training ended before the hang timeout; raise train.max_steps"
+
+
 def _wait_until_gone(pids, timeout: float = 120) -> None:
     def gone(pid: int) -> bool:
         try:

@@ -93,9 +93,40 @@ def test_seeded_sampling_is_reproducible(model):
     prompt = random_tokens(1, 4)
 
     def sample(seed):
-        return generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        return generate(model, prompt, 20, temperature=1.0, seed=seed)
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
-    uncached = generate(model, prompt, 20, temperature=1.0, use_cache=False, generator=torch.Generator().manual_seed(7))
+    uncached = generate(model, prompt, 20, temperature=1.0, use_cache=False, seed=7)
     assert torch.equal(uncached, sample(7))
+
+
+def test_sampling_runs_on_the_models_device(model, monkeypatch):
+    """The prompt moves to the model and the seeded generator is made there (a CPU one cannot sample on a GPU).
+
+    On a CPU-only machine the other device is ``meta``: it computes shapes but
+    holds no values, so reading the first token back fails after everything
+    before it ran on the model's device.
+    """
+    prompt = random_tokens(1, 4)
+    on_meta = tiny_model(seed=0).to("meta").eval()
+    requested = []
+
+    class RecordingGenerator(torch.Generator):
+        """Notes the device asked for, and is a CPU generator (none exists on meta; sampling there ignores it)."""
+
+        def __new__(cls, device="cpu"):
+            requested.append(torch.device(device))
+            return super().__new__(cls)
+
+        def __init__(self, device="cpu"):
+            super().__init__()
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    assert len(list(stream(model, prompt, 3, seed=0))) == 3
+    assert requested == [torch.device("cpu")]
+    inputs_seen = []
+    on_meta.register_forward_pre_hook(lambda module, args: inputs_seen.append(args[0].device))
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+        list(stream(on_meta, prompt, 3, seed=0))
+    assert requested[-1] == torch.device("meta") and inputs_seen == [torch.device("meta")]

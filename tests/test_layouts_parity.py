@@ -32,3 +32,11 @@ def test_tp2_pp2_matches_one_worker(single_worker, tp2pp2_run):
     assert_same_training(single_worker, tp2pp2_run, "tp2-pp2-zero1")
     layout = json.loads((tp2pp2_run / "summary.json").read_text())["stages"][0]["layout"]
     assert (layout["tp"], layout["pp"], layout["dp"]) == (2, 2, 1)
+
+
+def test_untied_pipeline_with_recompute_matches_one_worker(untied_single_worker, tmp_path):
+    """Recomputation covers only the blocks: the embedding, fed integer tokens, stays in autograd on stage 0."""
+    run_dir = launch_in_process(tmp_path, "untied-pp2", [
+        *TINY_PRETRAIN, "cluster.num_workers=2", "model.tie_embeddings=false", "parallel.pp=2", "parallel.zero_stage=1",
+        "parallel.activation_checkpointing=true"])
+    assert_same_training(untied_single_worker, run_dir, "untied pp2 with recompute")

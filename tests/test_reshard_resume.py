@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_training, read_metrics, resume_in_process
+from conftest import assert_same_training, forget_after, read_metrics, resume_in_process
 
 pytestmark = pytest.mark.slow
-
-
-def _forget_after(run_dir: Path, step: int) -> None:
-    """Leave the stage as a job that died right after checkpoint ``step`` would have left it."""
-    stage_dir = run_dir / "pretrain"
-    for path in stage_dir.glob("step_*"):
-        if int(path.name.split("_")[1]) > step:
-            shutil.rmtree(path)
-    shutil.rmtree(stage_dir / "final")
-    (stage_dir / "summary.json").unlink()
 
 
 @pytest.mark.parametrize(
@@ -34,7 +23,7 @@ def _forget_after(run_dir: Path, step: int) -> None:
 def test_resume_on_another_layout_trains_as_one_worker(single_worker, request, tmp_path, source, then):
     run_dir = tmp_path / "relayout"
     shutil.copytree(request.getfixturevalue(source), run_dir)
-    _forget_after(run_dir, 3)
+    forget_after(run_dir, 3)
     resume_in_process(run_dir, then)
 
     # Ray's record still lists the removed step 5: raylm sets it aside instead of letting Ray refuse the run.

@@ -19,7 +19,7 @@ from raylm.errors import UserError
 from raylm.models.llama import Llama
 from raylm.models.loss import cross_entropy_loss
 from raylm.parallelism.plan import LLAMA_TP_PLAN, apply_tensor_parallel, check_tp_divides, split_dim_of, tp_loss_fn
-from raylm.parallelism.reshard import gather_full_state_dict, shard_state_dict, unshard_state_dicts
+from raylm.parallelism.reshard import gather_tp_tensor, shard_state_dict, unshard_state_dicts
 from raylm.parallelism.tensor import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from raylm.parallelism.topology import Topology, build_groups
 
@@ -190,7 +190,7 @@ def _check_llama(rank: int, world_size: int, tie_embeddings: bool) -> None:
     # The loss never gathers logits: only (B, T, d_model) activations and per-token (B*T,) statistics travel.
     assert shapes and {shape for _, shape in shapes} <= {(2, 16, 64), (32,)}, shapes
 
-    full = gather_full_state_dict(parallel, groups)
+    full = {name: gather_tp_tensor(value, name, groups.tp_group) for name, value in parallel.state_dict().items()}
     assert full.keys() == dense.state_dict().keys()
     for name, value in dense.state_dict().items():
         assert torch.equal(full[name], value), name

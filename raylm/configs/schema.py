@@ -79,7 +79,11 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one evaluation.")
     ckpt_every: int = _f(30, "Checkpoint every this many steps and at the end; 0 never (the final weights are still saved).")
     keep_last: int = _f(2, "Complete checkpoints kept per stage.")
-    precision: str = _f("auto", "'auto' (bf16 where the GPU supports it, else fp32), 'fp32' or 'bf16'.")
+    precision: str = _f(
+        "auto",
+        "'auto' (bf16 on GPUs with native bf16, compute capability >= 8.0; else fp32), 'fp32' (TF32 matmuls on GPUs) or 'bf16' "
+        "(fp32 masters, gradients accumulated and reduced in fp32).",
+    )
     sample_tokens: int = _f(48, "Tokens generated for the sample shown in the summary.")
 
 

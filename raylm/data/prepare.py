@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from raylm.data.corpus import BUILTIN_PYDOC, input_documents, pydoc_topics
-from raylm.data.indexed import IndexedShard, ShardWriter, bin_path, idx_path, token_dtype
+from raylm.data.indexed import IndexedShard, ShardWriter, token_dtype
 from raylm.data.meta import invalidate, read_meta, write_meta
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError

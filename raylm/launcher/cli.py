@@ -146,7 +146,6 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from raylm.trainer import run_dir as rundir
     from raylm.launcher.resume import with_resume_overrides
-    from raylm.launcher.status import driver_alive
 
     run_dir = rundir.locate(args.run, args.runs_dir)
     _continue(run_dir, with_resume_overrides(rundir.load(run_dir), args.set or []))
@@ -334,6 +333,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from raylm.trainer import run_dir as rundir
     from raylm.launcher.export import export_hf
     from raylm.launcher.inference import load_stage
@@ -341,7 +342,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.quant is not None and args.format != "gguf":
         raise UserError(f"--quant {args.quant} applies to --format gguf only; drop it or add --format gguf")
     run_dir = rundir.locate(args.run, args.runs_dir)
-    stage = load_stage(run_dir, args.stage)
+    stage = load_stage(run_dir, args.stage, device=torch.device("cpu"))  # export only copies weights
     if args.format == "gguf":
         from raylm.data.chat import jinja_chat_template
         from raylm.models.gguf_export import export_gguf

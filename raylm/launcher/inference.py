@@ -2,7 +2,7 @@
 
 Single-process and Ray-free: everything reads a stage's ``final/`` directory
 (consolidated safetensors + tokenizer), so it works on any machine that can
-see the run directory.
+see the run directory, on its GPU when it has one.
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ class FinishedStage:
     tokenizer: Tokenizer
 
 
-def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
-    """The given stage's (default: the last finished stage's) model and tokenizer."""
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_stage(run_dir: Path, stage: Optional[str] = None, device: Optional[torch.device] = None) -> FinishedStage:
+    """The given stage's (default: the last finished stage's) model, on ``device`` (default: the GPU if any), and tokenizer."""
     run = rundir.load(run_dir)
     final_dir = rundir.latest_final(run_dir, run, stage)
     name = final_dir.parent.name
@@ -51,7 +55,8 @@ def load_stage(run_dir: Path, stage: Optional[str] = None) -> FinishedStage:
     fix = f"delete {final_dir} and run 'raylm resume {run_dir}' to write it again from the stage's last checkpoint"
     cfg, state = load_consolidated(final_dir, fix)
     tokenizer = Tokenizer.load(final_dir, fix)
-    model = Llama(cfg)
+    with torch.device(device or default_device()):
+        model = Llama(cfg)
     model.load_state_dict(state)
     model.eval()
     return FinishedStage(run, name, run.stages[index].kind, index, final_dir, cfg, model, tokenizer)
@@ -85,12 +90,11 @@ def generate_text(
     if not ids:
         raise UserError("--prompt is empty; give some text to continue")
     stops = tok.ids_of(stop_tokens(stage.kind))
-    generator = torch.Generator().manual_seed(seed)
     produced: list = []
     shown = ""
     with torch.no_grad():
         for token in stream(stage.model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, eos_id=stops, generator=generator):
+                            top_p=top_p, eos_id=stops, seed=seed):
             if token in stops:
                 break
             produced.append(token)
@@ -133,11 +137,12 @@ class _Concat:
 
 def _mean_loss(model: Llama, reader, max_batches: int, batch_size: int, what: str) -> dict:
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, min(reader.num_samples, max_batches * batch_size), batch_size):
             indices = list(range(start, min(start + batch_size, reader.num_samples)))
             inputs, targets = reader.batch(indices)
-            loss = cross_entropy_loss(model(torch.from_numpy(inputs)), torch.from_numpy(targets))
+            loss = cross_entropy_loss(model(torch.from_numpy(inputs).to(device)), torch.from_numpy(targets).to(device))
             total += loss.item() * len(indices)
             count += len(indices)
     if count == 0:

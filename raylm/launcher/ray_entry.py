@@ -65,7 +65,7 @@ def _pin_collectives_to(node_ip: str) -> None:
             return
 
 
-def _join_process_group(backend: str, cfg: RunConfig, rank: int, active: int) -> bool:
+def _join_process_group(backend: str, cfg: RunConfig, rank: int, active: int, device) -> bool:
     """Create the default process group over ranks [0, ``active``); True on those ranks.
 
     raylm, not Ray Train, creates it: torch's own rendezvous makes rank 0's
@@ -88,11 +88,16 @@ def _join_process_group(backend: str, cfg: RunConfig, rank: int, active: int) ->
     if listener:
         print(f"[raylm] process-group store on {host}:{port}", flush=True)
     _pin_collectives_to(node_ip)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)  # NCCL's communicators use the current device from the first collective on
     timeout = timedelta(seconds=cfg.fault.hang_timeout_s)
     # The store owns the listening socket from here (detach: Python must not close it too).
     store = dist.TCPStore(host, port, active, is_master=listener is not None, timeout=timeout,
                           master_listen_fd=listener.detach() if listener else None)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=active, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=active, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
     # What torchrun exports; DeepSpeed and init_distributed read them.
     os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(active))
     return True
@@ -108,6 +113,7 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     from raylm.trainer.worker import train_stage
 
@@ -122,9 +128,11 @@ def train_loop_per_worker(config: dict) -> None:
         raise RuntimeError(f"{workers} workers hold no whole tp={cfg.parallel.tp} x pp={cfg.parallel.pp} replica")
     if active < workers:
         print(f"[raylm] {workers} workers started; {active} train (whole tp x pp replicas that split the global batch)", flush=True)
-    if not _join_process_group(config["backend"], cfg, rank, active):
+    # The GPU Ray assigned this worker (LOCAL_RANK need not be its index), or the CPU.
+    device = ray.train.torch.get_device()
+    if not _join_process_group(config["backend"], cfg, rank, active, device):
         print("[raylm] this rank has no work in this layout; it waits for the stage to finish", flush=True)
         _wait_out_the_stage(run_dir, stage)
         return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
-    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last))
+    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last), device)

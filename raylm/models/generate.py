@@ -51,11 +51,13 @@ def stream(
     top_p: Optional[float] = None,
     use_cache: bool = True,
     eos_id: Union[int, Collection[int], None] = None,
-    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` ids continuing ``prompt_ids`` (1, T), one at a time; stops after ``eos_id``
     (one id, or several: a chat answer ends at end-of-turn or end-of-text).
 
+    Runs where the model is (the prompt moves there); ``seed`` seeds a
+    generator on that device, else the device's global one is used.
     A prompt longer than ``max_seq_len`` keeps its last ``max_seq_len`` tokens.
     Without the cache every step reruns the last ``max_seq_len`` tokens (a
     sliding window, unbounded); with it the context cannot slide, so generation
@@ -67,8 +69,10 @@ def stream(
     if max_new_tokens <= 0:
         return
     max_len = model.cfg.max_seq_len
-    ids = prompt_ids[:, -max_len:]
+    device = next(model.parameters()).device
+    ids = prompt_ids[:, -max_len:].to(device)
     stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
@@ -102,9 +106,9 @@ def generate(
     top_p: Optional[float] = None,
     use_cache: bool = True,
     eos_id: Union[int, Collection[int], None] = None,
-    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
 ) -> torch.Tensor:
     """The prompt (1, T) followed by the ids ``stream`` yields: (1, T + n)."""
-    new = list(stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, generator))
+    new = list(stream(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, use_cache, eos_id, seed))
     continuation = torch.tensor(new, dtype=prompt_ids.dtype, device=prompt_ids.device).view(1, len(new))
     return torch.cat((prompt_ids, continuation), dim=1)

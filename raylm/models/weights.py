@@ -37,6 +37,11 @@ POINT_AT_WEIGHTS = "point at a complete raylm final/ or Hugging Face Llama direc
 """What to do about a weights directory that cannot be used, unless the caller knows better."""
 
 
+def with_tied_head(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """``state_dict`` as ``Llama.load_state_dict`` wants it: a tied head (stored once) points at the embedding."""
+    return {**state_dict, TIED_HEAD: state_dict["tok_embeddings.weight"]} if cfg.tie_embeddings else state_dict
+
+
 def is_raylm_dir(path: Path) -> bool:
     try:
         return json.loads((path / CONFIG).read_text()).get("format") == "raylm"
@@ -124,8 +129,8 @@ def load_consolidated(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelCon
         raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; {fix}")
     cfg = _raylm_model_config(path, fix)
     state = read_safetensors(path / WEIGHTS, fix)
-    if cfg.tie_embeddings and "tok_embeddings.weight" in state:
-        state[TIED_HEAD] = state["tok_embeddings.weight"]
+    if "tok_embeddings.weight" in state:
+        state = with_tied_head(state, cfg)
     check_shapes({name: t.shape for name, t in state.items()}, cfg, str(path), fix)
     return cfg, state
 

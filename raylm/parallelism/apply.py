@@ -1,26 +1,24 @@
 """Turn the plain model into this rank's part of the tp x pp x dp layout.
 
 The training loop only sees a ``ParallelModel``: the module DeepSpeed wraps,
-the loss to use on its outputs, the data-parallel coordinates and how to get
-the full dense weights back.
+the loss to use on its outputs and the data-parallel coordinates
+(``raylm.parallelism.masters`` gets the full dense weights back).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Optional, Set
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from raylm.configs.schema import RunConfig
 from raylm.models.loss import cross_entropy_loss
-from raylm.parallelism.pipeline import build_pipeline, stage_names
+from raylm.parallelism.pipeline import build_pipeline, release_other_stages, stage_names
 from raylm.parallelism.plan import apply_tensor_parallel, tp_loss_fn
-from raylm.parallelism.reshard import gather_full_state_dict
 from raylm.parallelism.topology import Mpu, ParallelGroups, Topology, build_groups
 
 
@@ -34,7 +32,7 @@ class ParallelModel:
     mpu: Optional[Any]
     """DeepSpeed's model-parallel unit; None where DeepSpeed builds its own (pp > 1) or none is needed."""
     dense: Optional[nn.Module] = None
-    """The (TP-sharded) dense model whose submodules the pipeline stage wraps."""
+    """The (TP-sharded) dense model whose submodules the pipeline stage wraps; other stages' weights are on ``meta``."""
     stage_names: Optional[Set[str]] = None
     """Dense names of the weights this pipeline stage trains."""
 
@@ -58,26 +56,6 @@ class ParallelModel:
     def dp_group(self):
         return self.groups.dp_group
 
-    def consolidated_state_dict(self, engine) -> Dict[str, torch.Tensor]:
-        """Full dense weights (raylm names, on CPU) on every rank; a collective call."""
-        if engine.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return self._gather()
-        return self._gather()
-
-    def _gather(self) -> Dict[str, torch.Tensor]:
-        if self.pp == 1:
-            return {k: v.cpu() for k, v in gather_full_state_dict(self.module, self.groups).items()}
-        # Every rank of a tp group holds the same stage, so gathering the whole
-        # dense model over it is consistent; only this stage's weights are current.
-        full = gather_full_state_dict(self.dense, self.groups)
-        stage = {k: v.cpu() for k, v in full.items() if k in self.stage_names}
-        parts: list = [None] * self.pp
-        dist.all_gather_object(parts, stage, group=self.groups.pp_group)
-        return {name: tensor for part in parts for name, tensor in part.items()}
-
 
 def _checkpoint_blocks(model: nn.Module) -> None:
     """Recompute each block's activations in backward (state-dict names are kept)."""
@@ -93,7 +71,9 @@ def build_parallel_model(dense: nn.Module, run: RunConfig, rank: int, world_size
     loss_fn = tp_loss_fn(groups.tp_group) if topology.tp > 1 else cross_entropy_loss
     if topology.pp > 1:
         pipe = build_pipeline(module, topology, loss_fn, run.model.tie_embeddings, run.parallel.activation_checkpointing)
-        return ParallelModel(pipe, topology, groups, loss_fn, None, module, stage_names(module, pipe))
+        names = stage_names(module, pipe)
+        release_other_stages(module, pipe)
+        return ParallelModel(pipe, topology, groups, loss_fn, None, module, names)
     if run.parallel.activation_checkpointing:
         _checkpoint_blocks(module)
     return ParallelModel(module, topology, groups, loss_fn, Mpu(groups) if topology.tp > 1 else None)

@@ -5,7 +5,8 @@ in deepspeed/runtime/zero/stage_1_and_2.py): with bf16 mixed precision every
 parameter costs 2 bytes of 16-bit weights, 2 + 4 bytes of 16- and 32-bit
 gradients and 4 + 8 bytes of fp32 master weights and Adam moments; in fp32,
 4 + 4 + 8. ZeRO-1 shards the optimizer part over the data-parallel ranks,
-ZeRO-2 the gradients too, ZeRO-3 everything.
+ZeRO-2 the gradients too, ZeRO-3 everything; bf16 with ZeRO-0 runs as ZeRO-1
+(``raylm.parallelism.zero.deepspeed_zero_stage``).
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation
 in Large Transformer Models", table 2) with the attention-score term dropped
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from raylm.configs.schema import RunConfig
 from raylm.models.flops import flops_per_token, param_count
-from raylm.parallelism.zero import micro_batch_size, micro_batches
+from raylm.parallelism.zero import deepspeed_zero_stage, micro_batch_size, micro_batches
 
 GIB = 2**30
 
@@ -75,7 +76,7 @@ def estimate(run: RunConfig, bf16: bool) -> MemoryPlan:
     dp = run.cluster.num_workers // (p.tp * p.pp)
     n = params_per_rank(run)
     weight_bytes, grad_bytes, optim_bytes = (2, 6, 12) if bf16 else (4, 4, 8)
-    zero = p.zero_stage
+    zero = deepspeed_zero_stage(p.zero_stage, bf16)
     weights = n * weight_bytes / (dp if zero >= 3 else 1)
     grads = n * grad_bytes / (dp if zero >= 2 else 1)
     optim = n * optim_bytes / (dp if zero >= 1 else 1)

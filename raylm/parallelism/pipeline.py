@@ -111,6 +111,10 @@ def build_pipeline(
         loss_fn=loss_fn,
         partition_method="parameters",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        # Only blocks recompute, as on the pp=1 path. DeepSpeed's checkpoint is
+        # reentrant: wrapped around the embedding, whose input is integer tokens,
+        # its output would not require grad and cut the embedding off from autograd.
+        checkpointable_layers=[BlockPipe.__name__],
     )
 
 
@@ -118,3 +122,17 @@ def stage_names(dense: nn.Module, stage: nn.Module) -> Set[str]:
     """Dense state-dict names of the weights held by this pipeline stage (tied names included)."""
     held = {id(p) for p in stage.parameters()}
     return {name for name, tensor in dense.state_dict(keep_vars=True).items() if id(tensor) in held}
+
+
+def release_other_stages(dense: nn.Module, stage: nn.Module) -> None:
+    """Move the dense model's weights that ``stage`` does not hold to ``meta``: they are never trained or read here.
+
+    Every rank built the whole dense model; afterwards a stage keeps only its
+    own weights in memory, and any code that would still touch another
+    stage's (say, hand it to a collective) fails instead of reading stale values.
+    """
+    held = {id(p) for p in stage.parameters()}
+    for module in dense.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in held:
+                setattr(module, name, nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))

@@ -7,14 +7,12 @@ other entry (norms, buffers) is the full tensor.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from raylm.parallelism.plan import LLAMA_TP_PLAN, split_dim_of
-from raylm.parallelism.topology import ParallelGroups
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -57,26 +55,3 @@ def gather_tp_tensor(tensor: torch.Tensor, dense_name: str, tp_group, plan: Mapp
     parts = [torch.empty_like(tensor) for _ in range(tp)]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
     return torch.cat(parts, dim=dim)
-
-
-def gather_full_state_dict(
-    model: nn.Module,
-    groups: ParallelGroups,
-    dense_names: Optional[Mapping[str, str]] = None,
-    plan: Mapping[str, str] = LLAMA_TP_PLAN,
-) -> StateDict:
-    """The dense weights of ``model``'s (stage's) parameters on every rank of its tp group; a collective.
-
-    ``dense_names`` maps the module's own names to dense raylm names (a
-    pipeline stage's, say); the result is keyed by the dense names and
-    left on the parameters' device.
-    """
-    rename = dense_names or {}
-    gathered_by_tensor: Dict[int, torch.Tensor] = {}  # a tied weight is gathered once
-    full: StateDict = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        dense_name = rename.get(name, name)
-        if id(tensor) not in gathered_by_tensor:
-            gathered_by_tensor[id(tensor)] = gather_tp_tensor(tensor.detach(), dense_name, groups.tp_group, plan).clone()
-        full[dense_name] = gathered_by_tensor[id(tensor)]
-    return full

@@ -55,6 +55,18 @@ def micro_batch_size(run: RunConfig, dp_size: int) -> int:
     return run.train.global_batch_size // (dp_size * micro_batches(run, dp_size))
 
 
+def deepspeed_zero_stage(zero_stage: int, bf16: bool) -> int:
+    """The ZeRO stage DeepSpeed runs for ``parallel.zero_stage``.
+
+    bf16 with ZeRO-0 runs as ZeRO-1: DeepSpeed 0.19.8 accumulates gradients in
+    fp32 under bf16 only with ZeRO >= 1 (ZeRO-0 refuses the mix), and its
+    ZeRO-0 bf16 optimizer keeps fp32 masters that the fragment API cannot
+    reach. ZeRO-1 under bf16 is DeepSpeed's BF16_Optimizer: fp32 masters and
+    gradients, the masters and Adam state split over the data-parallel ranks.
+    """
+    return max(zero_stage, 1) if bf16 else zero_stage
+
+
 def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
     """The DeepSpeed config dict; the optimizer and scheduler are passed as objects.
 
@@ -62,11 +74,12 @@ def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
     restarts): gradient accumulation absorbs the difference.
     """
     p = run.parallel
-    zero: dict = {"stage": p.zero_stage}
-    if p.zero_stage == 3:
+    stage = deepspeed_zero_stage(p.zero_stage, bf16)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         # Gather whole layers at once on tiny models instead of prefetch-tuning per parameter.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
-    return {
+    config = {
         "train_batch_size": run.train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(run, dp_size),
         "gradient_accumulation_steps": micro_batches(run, dp_size),
@@ -77,3 +90,9 @@ def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if bf16:
+        # Megatron's practice: bf16 compute, fp32 gradient accumulation and
+        # reduction (DeepSpeed's default reduces bf16 gradients in bf16, which
+        # lost accuracy on 2+ ranks in DeepSpeed issue 3979).
+        config.update({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"})
+    return config

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.errors import UserError
 from raylm.trainer import run_dir as rundir
+from raylm.trainer.device import init_distributed, torchrun_device
 from raylm.trainer.session import LocalSession
 from raylm.trainer.worker import train_stage
 
@@ -40,15 +39,15 @@ def main(argv=None) -> int:
         print(f"raylm: error: {err}", file=sys.stderr)
         return 2
     cfg = resolve_stage(run, args.stage)
-    backend = "nccl" if torch.cuda.is_available() and cfg.cluster.use_gpu != "false" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.fault.hang_timeout_s))
+    device = torchrun_device(cfg.cluster.use_gpu)
+    init_distributed(cfg, device)  # the GPU is chosen before the first collective (the barrier below)
     run_dir = args.run_dir.resolve()
     if dist.get_rank() == 0:
         run.name = run_dir.name
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.save_config(run_dir, run)
     dist.barrier()
-    summary = train_stage(run_dir, args.stage, lambda stage_dir, stage_cfg: LocalSession(stage_dir, stage_cfg.train.keep_last))
+    summary = train_stage(run_dir, args.stage, lambda stage_dir, stage_cfg: LocalSession(stage_dir, stage_cfg.train.keep_last), device)
     if dist.get_rank() == 0:
         print(json.dumps(summary))
     dist.destroy_process_group()

@@ -2,24 +2,20 @@
 
 Runs unchanged under Ray Train (``raylm.launcher.ray_entry``) and under
 ``torchrun`` (``python -m raylm.trainer.torchrun_main``): it reads the run's
-config.yaml, joins the process group its launcher set up (or sets one up from
-the torchrun environment), and talks to the launcher only through a
-``Session``. No Ray import here.
+config.yaml, computes on the device its launcher chose, joins the process
+group its launcher set up (or sets one up from the torchrun environment), and
+talks to the launcher only through a ``Session``. No Ray import here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import time
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,6 +23,7 @@ from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
+from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state, use_bf16
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
@@ -41,69 +38,9 @@ from raylm.models.weights import check_weights, load_any, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
+from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
-
-
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-
-
-def init_distributed(run: RunConfig) -> DistContext:
-    """Join (or, under torchrun, create) the default process group; DeepSpeed reuses it."""
-    use_cuda = torch.cuda.is_available() and run.cluster.use_gpu != "false"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        # Ray does not cap threads the way torchrun does; without this each
-        # worker would spin one thread per core of the node.
-        torch.set_num_threads(run.cluster.cpus_per_worker)
-        device = torch.device("cpu")
-    backend = "nccl" if use_cuda else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=run.fault.hang_timeout_s))
-    _disable_deepspeed_shm_allreduce()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
-
-
-def _disable_deepspeed_shm_allreduce() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes on
-    a small machine) that only its inference path uses; training collectives go
-    through our gloo group either way."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _use_bf16(run: RunConfig, device: torch.device) -> bool:
-    if run.train.precision == "bf16":
-        return True
-    return run.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
@@ -151,16 +88,17 @@ def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Option
 class StageTrainer:
     """Owns one stage's engine, data and sinks on one rank."""
 
-    def __init__(self, run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session]):
+    def __init__(self, run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device):
         self.run_dir = run_dir
         self.run = from_yaml_file(run_dir / CONFIG_FILE)
         self.stage: StageConfig = self.run.stages[stage_index]
         self.cfg = resolve_stage(self.run, stage_index)
         self.stage_dir = run_dir / self.stage.name
         self.session = session_factory(self.stage_dir, self.cfg)
-        self.ctx = init_distributed(self.cfg)
+        self.ctx = init_distributed(self.cfg, device)
         self.is_logger = self.ctx.rank == 0
-        self.bf16 = _use_bf16(self.cfg, self.ctx.device)
+        self.bf16 = use_bf16(self.cfg.train.precision, self.ctx.device)
+        allow_tf32(self.ctx.device)
 
         self.metrics = MetricsFile(run_dir / METRICS_FILE) if self.is_logger else None
         self.wandb = (
@@ -189,6 +127,10 @@ class StageTrainer:
         self.seq_len = self.cfg.model.max_seq_len
         self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
+        # Every rank runs its stage's forward once per micro-batch, training or
+        # evaluating; a middle pipeline stage never touches the data, so the
+        # heartbeat goes here rather than where batches are read.
+        self.par.module.register_forward_pre_hook(lambda *_: self.watchdog.beat())
 
     def _build_engine(self):
         import deepspeed
@@ -205,6 +147,7 @@ class StageTrainer:
         )
         max_steps = self.cfg.train.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
+        weights = fp32_weights(self.par) if self.bf16 else None
         engine, _, _, _ = deepspeed.initialize(
             model=self.par.module.to(self.ctx.device),
             optimizer=optimizer,
@@ -212,6 +155,10 @@ class StageTrainer:
             config=deepspeed_config(self.cfg, self.dp_size, self.bf16),
             mpu=self.par.mpu,
         )
+        if weights is not None:
+            # DeepSpeed made its fp32 masters from the bf16-rounded module; a
+            # stage starting from given (or seeded) weights starts from them exactly.
+            set_master_weights(engine, self.par, weights)
         return engine
 
     # ----------------------------------------------------------------- logging
@@ -263,7 +210,7 @@ class StageTrainer:
             load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
-            _set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False))
+            set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False), self.ctx.device)
         self.state = replace(self.state, step=saved.step, consumed_samples=saved.consumed_samples, tokens_seen=saved.tokens_seen)
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
 
@@ -288,7 +235,7 @@ class StageTrainer:
         staging = self.session.staging_dir(self.state.step)
         self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
-        torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank:05d}.pt")
+        torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
         dist.barrier()
         if self.session.shared_staging:
             files = describe_files(staging) if self.ctx.rank == 0 else {}
@@ -319,12 +266,10 @@ class StageTrainer:
             indices = self.data.order.micro_batch_indices(
                 self.state.consumed_samples, t.global_batch_size, self.dp_rank, self.dp_size, self.micro_batch, accum_step
             )
-            self.watchdog.beat()
             yield self._micro_batch(self.data.train, indices)
 
     def _eval_micro_batches(self):
         for indices in eval_indices(self.data.val.num_samples, self.cfg.train.eval_batches, self.dp_rank, self.dp_size, self.micro_batch):
-            self.watchdog.beat()
             yield self._micro_batch(self.data.val, indices)
 
     def train_step(self) -> float:
@@ -424,13 +369,14 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
-        full_state = self.par.consolidated_state_dict(self.engine)
+        full_state = consolidated_state_dict(self.engine, self.par)
         summary: Dict = {}
         if self.ctx.rank == 0:
             final_dir = self.stage_dir / FINAL_DIR
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
-            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens)
+            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
+                                 self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
             summary = {
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
@@ -455,6 +401,6 @@ def _float_or_nan(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def train_stage(run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session]) -> Dict:
-    """Train one stage on this rank; returns the stage summary on rank 0 ({} elsewhere)."""
-    return StageTrainer(run_dir, stage_index, session_factory).run_loop()
+def train_stage(run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device) -> Dict:
+    """Train one stage on this rank, on the launcher's ``device``; returns the stage summary on rank 0 ({} elsewhere)."""
+    return StageTrainer(run_dir, stage_index, session_factory, device).run_loop()

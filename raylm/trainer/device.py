@@ -1,0 +1,104 @@
+"""Where a rank computes: its device, the process group on it, its precision and random state.
+
+The launcher picks the device (Ray Train's ``get_device()`` under Ray, the GPU
+at LOCAL_RANK under torchrun) and passes it in; no Ray import here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raylm.configs.schema import RunConfig
+
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""Ampere and newer compute in bf16; V100 and T4 only emulate it (``torch.cuda.is_bf16_supported()`` says yes)."""
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    """Where this rank's model, data and every collective's tensors live."""
+
+
+def torchrun_device(use_gpu: str) -> torch.device:
+    """Under torchrun: the GPU at LOCAL_RANK, unless there is none or ``cluster.use_gpu`` is 'false'."""
+    if torch.cuda.is_available() and use_gpu != "false":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(run: RunConfig, device: torch.device) -> DistContext:
+    """Bind this process to ``device``, then join (under torchrun: create) the default process group; idempotent."""
+    if device.type == "cuda":
+        # Before the first collective: NCCL's communicators and object
+        # collectives use the current device.
+        torch.cuda.set_device(device)
+        # DeepSpeed's engine and PipelineModule take LOCAL_RANK as the index of their GPU.
+        os.environ["LOCAL_RANK"] = str(device.index)
+    else:
+        # Ray does not cap threads the way torchrun does; without this each
+        # worker would spin one thread per core of the node.
+        torch.set_num_threads(run.cluster.cpus_per_worker)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=run.fault.hang_timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    _disable_deepspeed_shm_allreduce()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _disable_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes on
+    a small machine) that only its inference path uses; training collectives go
+    through our gloo group either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether ``train.precision`` means bf16 on ``device``: 'auto' picks it on GPUs that compute in bf16 natively."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
+def allow_tf32(device: torch.device) -> None:
+    """fp32 matmuls on a GPU run in TF32 (fp32 range and accumulation, 10-bit mantissa inputs), as Megatron does.
+
+    On Ampere and newer that is ~8x the fp32 throughput; older GPUs ignore it.
+    Weights, gradients and optimizer state stay fp32.
+    """
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every generator this rank draws from; on a GPU only its own device's (other GPUs may not exist on resume)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore ``rng_state``; a GPU state is skipped on a CPU rank."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
