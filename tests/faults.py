@@ -46,6 +46,14 @@ def latest_step(run_dir: Path, stage: str = "pretrain") -> int:
     return max(steps, default=0)
 
 
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300, poll_s: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; a test fails loudly, naming ``what``, once ``timeout`` has passed."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(poll_s)
+
+
 class StepTrigger(threading.Thread):
     """Runs ``action`` once the stage has logged ``step``; ``error`` holds what went wrong (a timeout included)."""
 

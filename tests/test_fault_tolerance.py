@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
-from faults import latest_step, signal_worker, when_step_reached, worker_pids
+from faults import latest_step, signal_worker, wait_for, when_step_reached, worker_pids
 from raylm.trainer.checkpoint import read_state, step_dirs, verify
 
 pytestmark = pytest.mark.slow
@@ -49,13 +48,6 @@ def assert_bitwise_equal_to(reference: Path, run_dir: Path) -> None:
     assert [by_step[s] for s in sorted(by_step)] == losses(reference)
 
 
-def _wait(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.05)
-
-
 def _break_storage_until_restart(run_dir: Path, parked: Path) -> None:
     """A transient I/O error on the run directory: metrics.jsonl is a directory until a new worker group starts,
     so rank 0 raises at its next write."""
@@ -64,7 +56,7 @@ def _break_storage_until_restart(run_dir: Path, parked: Path) -> None:
     metrics.replace(parked)
     metrics.mkdir()
     try:
-        _wait(lambda: worker_pids(run_dir / "pretrain") != before, "the worker group that replaces the failed one")
+        wait_for(lambda: worker_pids(run_dir / "pretrain") != before, "the worker group that replaces the failed one")
     finally:
         metrics.rmdir()
         parked.replace(metrics)
@@ -92,7 +84,7 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     injected = []
 
     def after_restart(count: int, step: int) -> None:
-        _wait(lambda: len(_events(run_dir, "restart")) >= count and latest_step(run_dir) >= step, f"restart {count} and step {step}")
+        wait_for(lambda: len(_events(run_dir, "restart")) >= count and latest_step(run_dir) >= step, f"restart {count} and step {step}")
 
     def kill_raise_freeze() -> None:
         injected.append(("kill", signal_worker(run_dir / "pretrain", signal.SIGKILL)))
@@ -141,7 +133,7 @@ def _wait_until_gone(pids, timeout: float = 120) -> None:
             return True
         return False
 
-    _wait(lambda: all(gone(pid) for pid in pids), f"workers {pids} to exit", timeout)
+    wait_for(lambda: all(gone(pid) for pid in pids), f"workers {pids} to exit", timeout)
 
 
 def _raylm(*args: str, cwd: Path) -> subprocess.Popen:
@@ -152,7 +144,7 @@ def test_killed_driver_resumes_past_a_corrupted_checkpoint(uninterrupted, tmp_pa
     overrides = [o for o in FAULTY if not o.startswith("logging.wandb")] + ["logging.wandb.mode=offline"]
     run_dir = tmp_path / "runs" / "driver"
     driver = _raylm("launch", "--name", "driver", *overrides, cwd=tmp_path)
-    _wait(lambda: latest_step(run_dir) >= 10 or driver.poll() is not None, "step 10", timeout=600)
+    wait_for(lambda: latest_step(run_dir) >= 10 or driver.poll() is not None, "step 10", timeout=600)
     assert driver.poll() is None, driver.communicate()[1][-2000:]
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()

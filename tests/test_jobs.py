@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAIN
-from faults import latest_step
+from faults import latest_step, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -77,13 +77,6 @@ def raylm(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.
                           text=True, timeout=timeout)
 
 
-def _wait_for(condition, what: str, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.5)
-
-
 def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, tmp_path):
     address, env = head
     runs = tmp_path / "runs"
@@ -106,10 +99,11 @@ def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, 
     long_run = ["tiny", "--name", "stopped", "--resume-if-exists", *overrides, "train.max_steps=40", "train.ckpt_every=4", "train.log_every=1"]
     first = _submit(env, tmp_path, *long_run)
     run_dir = runs / "stopped"
-    _wait_for(lambda: latest_step(run_dir) >= 6, "step 6 of the long job")
+    wait_for(lambda: latest_step(run_dir) >= 6, "step 6 of the long job", timeout=400)
     stopped = raylm("stop", first, env=env, cwd=tmp_path)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout, stopped.stderr
-    _wait_for(lambda: f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr, "the job to stop")
+    wait_for(lambda: f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr, "the job to stop",
+             timeout=400, poll_s=0.5)  # each look is a `raylm logs` process
     assert not (run_dir / "pretrain" / "final").exists()
 
     second = _submit(env, tmp_path, *long_run)

@@ -13,9 +13,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from raylm.errors import UserError
-
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+from raylm.errors import UserError, first_line
 
 
 def _address(address: Optional[str]) -> str:
@@ -33,7 +31,7 @@ def client(address: Optional[str]):
     try:
         return JobSubmissionClient(chosen)
     except Exception as err:  # connection refused, HTTP 401, a non-Ray server: all say the same to the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         auth = " (with token authentication on, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or the token file)" if "401" in reason or "uthenticat" in reason else ""
         raise UserError(f"cannot reach Ray Jobs at --address {chosen}: {reason[:200]}{auth}; check the head's dashboard address and port") from None
 
@@ -49,7 +47,7 @@ def submit(address: Optional[str], launch_args: List[str], submission_id: str, w
     try:
         return jobs.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"working_dir": working_dir})
     except RuntimeError as err:
-        raise UserError(f"Ray refused the job {submission_id}: {str(err).strip().splitlines()[0][:300]}") from None
+        raise UserError(f"Ray refused the job {submission_id}: {first_line(err)[:300]}") from None
 
 
 def _known(jobs, job_id: str) -> None:
@@ -57,12 +55,6 @@ def _known(jobs, job_id: str) -> None:
         jobs.get_job_status(job_id)
     except RuntimeError:
         raise UserError(f"no Ray job '{job_id}' on this cluster; 'ray job list' shows the jobs it knows") from None
-
-
-def status(address: Optional[str], job_id: str) -> str:
-    jobs = client(address)
-    _known(jobs, job_id)
-    return str(jobs.get_job_status(job_id).value)
 
 
 def print_logs(address: Optional[str], job_id: str, follow: bool) -> str:
