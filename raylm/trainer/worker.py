@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
-from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state, use_bf16
@@ -34,11 +34,12 @@ from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
+from raylm.models.lora import ADAPTER_DIR, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, load_any, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
-from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
+from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
@@ -85,6 +86,21 @@ def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Option
     return model
 
 
+def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Optional[Path],
+                      trained: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
+    """The model a stage trains: the dense model, or (with ``lora``) its frozen base from ``init_path`` with adapters.
+
+    ``trained`` are a resharded resume's trainable weights: every weight, or under LoRA the adapters alone.
+    """
+    if lora is None:
+        return build_dense_model(cfg, init_path, trained)
+    model = build_dense_model(cfg, init_path)
+    add_lora(model, lora, cfg.train.seed)
+    if trained is not None:
+        load_adapters(model, trained)
+    return model
+
+
 class StageTrainer:
     """Owns one stage's engine, data and sinks on one rank."""
 
@@ -114,11 +130,9 @@ class StageTrainer:
         self.resume_from = self._choose_checkpoint()
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
-        dense = build_dense_model(
-            self.cfg,
-            initial_weights(run_dir, self.run, stage_index),
-            self._layout_free_weights() if self.reshard else None,
-        )
+        self.lora = self.stage.lora
+        self.init_path = initial_weights(run_dir, self.run, stage_index)
+        dense = build_stage_model(self.cfg, self.lora, self.init_path, self._layout_free_weights() if self.reshard else None)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
@@ -207,7 +221,8 @@ class StageTrainer:
             if self.is_logger:
                 print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
         else:
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                       load_module_strict=self.lora is None)  # a LoRA checkpoint lacks the frozen base
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
             set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False), self.ctx.device)
@@ -233,7 +248,8 @@ class StageTrainer:
     def checkpoint(self, metrics: Dict) -> None:
         began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
-        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+        # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are saved.
+        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
         dist.barrier()
@@ -369,10 +385,17 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
-        full_state = consolidated_state_dict(self.engine, self.par)
+        full_state = consolidated_state_dict(self.engine, self.par)  # every trained weight: under LoRA, the adapters
+        trainable_params = sum(t.numel() for t in full_state.values())
+        optimizer_state_mb = optimizer_state_bytes(self.engine) / 2**20
         summary: Dict = {}
         if self.ctx.rank == 0:
             final_dir = self.stage_dir / FINAL_DIR
+            if self.lora is not None:
+                save_peft_adapter(full_state, self.lora, final_dir / ADAPTER_DIR)
+                # The next stage and export read dense weights: the base, unrounded, plus the adapters' update.
+                base = build_dense_model(self.cfg, self.init_path).state_dict()
+                full_state = merged_weights(base, full_state, self.lora)
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
             sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
@@ -384,6 +407,7 @@ class StageTrainer:
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
                 **peak.summary(), "sample": sample, "final_dir": str(final_dir),
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
+                "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
             self.log({"step": self.state.step, "kind": "end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
