@@ -96,9 +96,17 @@ def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Opt
         return build_dense_model(cfg, init_path, trained)
     model = build_dense_model(cfg, init_path)
     add_lora(model, lora, cfg.train.seed)
+    if cfg.model.tie_embeddings:
+        # Checkpoints leave frozen weights out by walking named_parameters, which names a tied weight once
+        # (as the embedding); without this its alias, the frozen head, would be saved in every checkpoint.
+        model.output.register_state_dict_post_hook(_drop_weight)
     if trained is not None:
         load_adapters(model, trained)
     return model
+
+
+def _drop_weight(module: torch.nn.Module, state: Dict[str, torch.Tensor], prefix: str, local_metadata: Dict) -> None:
+    del state[f"{prefix}weight"]
 
 
 class StageTrainer:
@@ -153,8 +161,10 @@ class StageTrainer:
         params = [p for p in self.par.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            # DeepSpeed drops an empty group (a LoRA stage trains no norms), and the scheduler would then count one too many.
+            [group for group in groups if group["params"]],
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
