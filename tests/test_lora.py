@@ -11,6 +11,7 @@ from conftest import TINY_PRETRAIN, one_line_error
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 from raylm.configs.schema import LoraConfig
 from raylm.models.hf import save_hf
+from raylm.models.llama import Llama
 from raylm.models.lora import (ADAPTER_CONFIG_FILE, LoRALinear, add_lora, adapter_weights, load_adapters, merged_weights,
                                save_peft_adapter)
 from test_model import random_tokens, tiny_config, tiny_model
@@ -135,3 +136,28 @@ def test_layouts_lora_cannot_run_on_are_refused(capsys, layout):
     zero = "parallel.zero_stage=3" if layout == "parallel.zero_stage=3" else "parallel.zero_stage=1"  # else valid without LoRA
     line = one_line_error(capsys, "config", "show", "tiny", *TINY_PRETRAIN, stages, "cluster.num_workers=2", zero, layout)
     assert "stages.0.lora cannot run with " + layout in line
+
+
+def test_lora_flops_estimate_counts_what_autograd_runs():
+    """Every matmul of a forward and backward, counted by torch (attention's products are not: SDPA runs them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raylm.models.flops import block_matmul_params, flops_per_token, lora_flops_per_token
+
+    cfg = tiny_config(n_layer=3, d_model=64, vocab_size=97, max_seq_len=32)
+    tokens = random_tokens(2, 32)
+    attention = 12.0 * cfg.n_layer * cfg.d_model * tokens.size(1)
+
+    def counted(model) -> float:
+        with FlopCounterMode(display=False) as counter:
+            model(tokens).sum().backward()
+        return counter.get_total_flops() / tokens.numel()
+
+    torch.manual_seed(0)
+    assert counted(Llama(cfg)) == flops_per_token(cfg, tokens.size(1)) - attention
+    adapted = Llama(cfg)
+    add_lora(adapted, ALL_TARGETS, seed=0)
+    adapters = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    estimate = lora_flops_per_token(cfg, tokens.size(1), adapters) - attention
+    # The estimate also counts the input gradients of the first block's wq, wk, wv, which nothing needs.
+    assert 0 <= estimate - counted(adapted) <= 2 * block_matmul_params(cfg)

@@ -1,4 +1,4 @@
-"""LoRA stages on real DeepSpeed engines (2 gloo ranks, no Ray): ZeRO 0, 1 and 2 train only the adapters,
+"""LoRA stages on real DeepSpeed engines (2 gloo ranks, no Ray): ZeRO 0, 1 and 2 (and 2 under bf16) train only the adapters,
 checkpoint only them and their optimizer state, resume exactly, and end with the base's dense weights plus the update."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from conftest import CHECKPOINT_AT_3, forget_after, losses, read_metrics
 from gloo_spawn import run_on_gloo
-from numerics import training_rel
+from numerics import assert_close, training_rel, worst_case
 from raylm.configs.loader import load_config, resolve_stage
-from raylm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE
+from raylm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, peft_name
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.session import LocalSession
 from raylm.trainer.worker import StageTrainer, build_dense_model, build_stage_model
@@ -26,6 +26,9 @@ pytestmark = pytest.mark.slow
 LORA_PRETRAIN = [*CHECKPOINT_AT_3, "data.tokenizer=byte", "cluster.num_workers=2",
                  "stages=[{name: pretrain, kind: pretrain, lora: {rank: 4, alpha: 8, targets: [wq, wv, w2]}}]"]
 ZERO_STAGES = (0, 1, 2)
+# Each run's directory name -> its layout; every one is also resumed at step 3 on its own layout.
+LAYOUTS = {**{f"zero{zero}": [f"parallel.zero_stage={zero}"] for zero in ZERO_STAGES},
+           "bf16-zero2": ["parallel.zero_stage=2", "train.precision=bf16"]}
 
 
 def _train(run_dir: Path, overrides: list, rank: int) -> None:
@@ -41,14 +44,14 @@ def _train(run_dir: Path, overrides: list, rank: int) -> None:
 
 def _train_and_resume(rank: int, world_size: int, tmp: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
-    for zero in ZERO_STAGES:
-        run_dir, resumed = tmp / f"zero{zero}", tmp / f"zero{zero}-resumed"
-        _train(run_dir, [f"parallel.zero_stage={zero}"], rank)
+    for name, layout in LAYOUTS.items():
+        run_dir, resumed = tmp / name, tmp / f"{name}-resumed"
+        _train(run_dir, layout, rank)
         if rank == 0:
             shutil.copytree(run_dir, resumed)
             forget_after(resumed, 3)
         dist.barrier()
-        _train(resumed, [f"parallel.zero_stage={zero}"], rank)
+        _train(resumed, layout, rank)
     # Another layout resumes through the layout-free copy, which holds the adapters alone.
     resharded = tmp / "zero2-as-zero1"
     if rank == 0:
@@ -83,19 +86,24 @@ def _base(run_dir: Path):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_lora_trains_the_adapters_alone_and_writes_dense_weights(lora_runs, zero):
-    run_dir = lora_runs / f"zero{zero}"
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_lora_trains_the_adapters_alone_and_writes_dense_weights(lora_runs, name):
+    run_dir = lora_runs / name
     final, base = _final(run_dir), _base(run_dir)
+    adapter = run_dir / "pretrain" / "final" / ADAPTER_DIR
+    assert (adapter / ADAPTER_CONFIG_FILE).is_file()
+    adapters = load_file(str(adapter / ADAPTER_WEIGHTS_FILE))
+    assert len(adapters) == 4 * 3 * 2  # 4 blocks x 3 projections x (A, B)
+    lora = _cfg_lora()
     targets = (".attention.wq.", ".attention.wv.", ".feed_forward.w2.")
     for name, weight in final.items():
         if any(t in name for t in targets):
-            assert not torch.equal(weight, base[name]), f"{name}: the adapters' update is missing from the merged weight"
+            a, b = (adapters[peft_name(name.replace(".weight", f".lora_{ab}.weight"))] for ab in "AB")
+            assert b.abs().max() > 0, f"{name}: B never trained"
+            # The unrounded base (also under bf16) plus the adapters' update.
+            assert_close(weight, base[name] + lora.alpha / lora.rank * (b @ a), name, worst_case(lora.rank + 1))
         else:
             assert torch.equal(weight, base[name]), f"{name} is frozen but changed"
-    adapter = run_dir / "pretrain" / "final" / ADAPTER_DIR
-    assert (adapter / ADAPTER_CONFIG_FILE).is_file()
-    assert len(load_file(str(adapter / ADAPTER_WEIGHTS_FILE))) == 4 * 3 * 2  # 4 blocks x 3 projections x (A, B)
     assert len(losses(run_dir)) == 5
     adapted = build_stage_model(_cfg(), _cfg_lora(), None)
     expected = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
@@ -103,9 +111,9 @@ def test_lora_trains_the_adapters_alone_and_writes_dense_weights(lora_runs, zero
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_lora_checkpoints_hold_adapters_and_their_optimizer_state_only(lora_runs, zero):
-    step = lora_runs / f"zero{zero}" / "pretrain" / "step_0000003"
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_lora_checkpoints_hold_adapters_and_their_optimizer_state_only(lora_runs, name):
+    step = lora_runs / name / "pretrain" / "step_0000003"
     layout_free = load_file(str(step / "layout_free" / "stage_000.safetensors"))
     assert layout_free and all(".lora_" in key for key in layout_free), sorted(layout_free)[:4]
     module = torch.load(step / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
@@ -117,9 +125,9 @@ def test_lora_checkpoints_hold_adapters_and_their_optimizer_state_only(lora_runs
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero", ZERO_STAGES)
-def test_lora_resume_repeats_the_uninterrupted_run(lora_runs, zero):
-    run_dir, resumed = lora_runs / f"zero{zero}", lora_runs / f"zero{zero}-resumed"
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_lora_resume_repeats_the_uninterrupted_run(lora_runs, name):
+    run_dir, resumed = lora_runs / name, lora_runs / f"{name}-resumed"
     assert [r["step"] for r in read_metrics(resumed, kind="event") if r.get("event") == "resumed"] == [3]
     assert losses(resumed) == losses(run_dir)
     expected, got = _final(run_dir), _final(resumed)

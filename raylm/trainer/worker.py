@@ -32,7 +32,7 @@ from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.watchdog import HangWatchdog
-from raylm.models.flops import flops_per_token
+from raylm.models.flops import flops_per_token, lora_flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
 from raylm.models.lora import ADAPTER_DIR, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, load_any, save_consolidated
@@ -147,7 +147,8 @@ class StageTrainer:
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.engine = self._build_engine()
         self.seq_len = self.cfg.model.max_seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        self.flops_per_token = (flops_per_token(self.cfg.model, self.seq_len) if self.lora is None else
+                                lora_flops_per_token(self.cfg.model, self.seq_len, sum(p.numel() for p in dense.parameters() if p.requires_grad)))
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         # Every rank runs its stage's forward once per micro-batch, training or
         # evaluating; a middle pipeline stage never touches the data, so the
