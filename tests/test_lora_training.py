@@ -1,5 +1,6 @@
 """LoRA stages on real DeepSpeed engines (2 gloo ranks, no Ray): ZeRO 0, 1 and 2 (and 2 under bf16) train only the adapters,
-checkpoint only them and their optimizer state, resume exactly, and end with the base's dense weights plus the update."""
+checkpoint only them and their optimizer state, resume exactly, and end with the base's dense weights plus the update;
+also with activation checkpointing, whose wrapper renames the parameters DeepSpeed sees."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import CHECKPOINT_AT_3, forget_after, losses, read_metrics
 from gloo_spawn import run_on_gloo
 from numerics import assert_close, training_rel, worst_case
 from raylm.configs.loader import load_config, resolve_stage
+from raylm.errors import UserError
 from raylm.models.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, peft_name
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.session import LocalSession
@@ -28,7 +30,8 @@ LORA_PRETRAIN = [*CHECKPOINT_AT_3, "data.tokenizer=byte", "cluster.num_workers=2
 ZERO_STAGES = (0, 1, 2)
 # Each run's directory name -> its layout; every one is also resumed at step 3 on its own layout.
 LAYOUTS = {**{f"zero{zero}": [f"parallel.zero_stage={zero}"] for zero in ZERO_STAGES},
-           "bf16-zero2": ["parallel.zero_stage=2", "train.precision=bf16"]}
+           "bf16-zero2": ["parallel.zero_stage=2", "train.precision=bf16"],
+           "zero1-recompute": ["parallel.zero_stage=1", "parallel.activation_checkpointing=true"]}
 
 
 def _train(run_dir: Path, overrides: list, rank: int) -> None:
@@ -59,6 +62,13 @@ def _train_and_resume(rank: int, world_size: int, tmp: Path) -> None:
         forget_after(resharded, 3)
     dist.barrier()
     _train(resharded, ["parallel.zero_stage=1"], rank)
+    # Checkpoints of other LoRA settings are refused, never loaded into adapters of another shape.
+    other = tmp / "zero0-other-lora"
+    if rank == 0:
+        shutil.copytree(tmp / "zero0", other)
+    dist.barrier()
+    with pytest.raises(UserError, match=r"written with stages.0.lora=\{'rank': 4, .*this stage has \{'rank': 2, "):
+        _train(other, ["parallel.zero_stage=0", "stages.0.lora.rank=2"], rank)
 
 
 @pytest.fixture(scope="module")

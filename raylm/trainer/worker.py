@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -96,17 +97,18 @@ def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Opt
         return build_dense_model(cfg, init_path, trained)
     model = build_dense_model(cfg, init_path)
     add_lora(model, lora, cfg.train.seed)
-    if cfg.model.tie_embeddings:
-        # Checkpoints leave frozen weights out by walking named_parameters, which names a tied weight once
-        # (as the embedding); without this its alias, the frozen head, would be saved in every checkpoint.
-        model.output.register_state_dict_post_hook(_drop_weight)
     if trained is not None:
         load_adapters(model, trained)
+    # Checkpoints save the module's state_dict: here the adapters alone. (DeepSpeed's exclude_frozen_parameters
+    # matches named_parameters' names, which miss a tied head and differ under activation checkpointing's wrapper.)
+    frozen = [name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad]
+    model.register_state_dict_post_hook(partial(_drop_entries, frozen))
     return model
 
 
-def _drop_weight(module: torch.nn.Module, state: Dict[str, torch.Tensor], prefix: str, local_metadata: Dict) -> None:
-    del state[f"{prefix}weight"]
+def _drop_entries(names: List[str], module: torch.nn.Module, state: Dict[str, torch.Tensor], prefix: str, local_metadata: Dict) -> None:
+    for name in names:
+        del state[prefix + name]
 
 
 class StageTrainer:
@@ -133,12 +135,15 @@ class StageTrainer:
 
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
+        self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
-                                  self.cfg.parallel.zero_stage, self.bf16)
+                                  self.cfg.parallel.zero_stage, self.bf16, asdict(self.lora) if self.lora is not None else None)
         self.resume_from = self._choose_checkpoint()
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
+        if self.saved is not None and self.saved.lora != self.state.lora:
+            raise UserError(f"checkpoint {self.resume_from} was written with stages.{stage_index}.lora={self.saved.lora}, this stage has "
+                            f"{self.state.lora}; restore that setting, or start a new stage from this one's initial weights")
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
-        self.lora = self.stage.lora
         self.init_path = initial_weights(run_dir, self.run, stage_index)
         dense = build_stage_model(self.cfg, self.lora, self.init_path, self._layout_free_weights() if self.reshard else None)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
@@ -259,7 +264,8 @@ class StageTrainer:
     def checkpoint(self, metrics: Dict) -> None:
         began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
-        # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are saved.
+        # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
+        # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
         self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
