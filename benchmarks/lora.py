@@ -25,8 +25,8 @@ from common import pretrain_overrides, run_on_ray, write_result
 ALL_PROJECTIONS = "[wq, wk, wv, wo, w1, w3, w2]"
 VARIANTS = [
     ("full fine-tuning", None),
-    ("LoRA r8, all projections", f"{{rank: 8, alpha: 16, targets: {ALL_PROJECTIONS}}}"),
-    ("LoRA r8, wq + wv", "{rank: 8, alpha: 16, targets: [wq, wv]}"),
+    ("LoRA r8 alpha 16, all projections", f"{{rank: 8, alpha: 16, targets: {ALL_PROJECTIONS}}}"),
+    ("LoRA r8 alpha 16, wq + wv", "{rank: 8, alpha: 16, targets: [wq, wv]}"),
 ]
 BASELINE = "full fine-tuning"
 
