@@ -1,18 +1,15 @@
-"""`raylm launch` of a LoRA sft stage on Ray, then `raylm export --format hf`: transformers runs the stage's merged
+"""A LoRA sft stage trained on Ray, then `raylm export --format hf`: transformers runs the stage's merged
 export, and PEFT runs the stage's adapter on the export of the stage's base, both with raylm's logits."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_PRETRAIN, finished_run
+from conftest import TINY_PRETRAIN, finished_run, launch_in_process
 from numerics import assert_close
 from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
@@ -24,20 +21,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """``base``: a finished stage made without training (the LoRA stage's initial weights); ``lora``: the launched run."""
-    cwd = tmp_path_factory.mktemp("lora-e2e")
-    base = finished_run(cwd / "runs", "base", kind="sft")
+def runs(ray_cluster, tmp_path_factory) -> Path:
+    """``base``: a finished stage made without training (the LoRA stage's initial weights); ``lora``: a LoRA stage
+    trained from it on Ray by what ``raylm launch`` runs."""
+    root = tmp_path_factory.mktemp("lora-e2e")
+    base = finished_run(root, "base", kind="sft")
     lora_sft = (f"stages=[{{name: sft, kind: sft, init_from: '{base / 'sft' / 'final'}', data: {{source: 'builtin:pydoc-sft'}}, "
                 "lora: {rank: 4, alpha: 8, targets: [wq, wk, wv, wo, w1, w3, w2]}}]")
-    result = subprocess.run(
-        [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "lora", *TINY_PRETRAIN, lora_sft,
-         "cluster.num_workers=1", "data.tokenizer=byte"],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd / "runs"
+    launch_in_process(root, "lora", [*TINY_PRETRAIN, lora_sft, "cluster.num_workers=1", "data.tokenizer=byte"])
+    return root
 
 
 def _export(run_dir: Path, out: Path) -> Path:

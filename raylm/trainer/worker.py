@@ -152,8 +152,11 @@ class StageTrainer:
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.engine = self._build_engine()
         self.seq_len = self.cfg.model.max_seq_len
-        self.flops_per_token = (flops_per_token(self.cfg.model, self.seq_len) if self.lora is None else
-                                lora_flops_per_token(self.cfg.model, self.seq_len, sum(p.numel() for p in dense.parameters() if p.requires_grad)))
+        if self.lora is None:
+            self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        else:
+            adapters = sum(p.numel() for p in dense.parameters() if p.requires_grad)
+            self.flops_per_token = lora_flops_per_token(self.cfg.model, self.seq_len, adapters)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         # Every rank runs its stage's forward once per micro-batch, training or
         # evaluating; a middle pipeline stage never touches the data, so the
