@@ -161,3 +161,11 @@ def test_lora_flops_estimate_counts_what_autograd_runs():
     estimate = lora_flops_per_token(cfg, tokens.size(1), adapters) - attention
     # The estimate also counts the input gradients of the first block's wq, wk, wv, which nothing needs.
     assert 0 <= estimate - counted(adapted) <= 2 * block_matmul_params(cfg)
+
+
+def test_a_lora_key_starts_the_section_from_its_defaults():
+    from raylm.configs.loader import load_config
+
+    run = load_config("tiny", ["stages.1.lora.rank=4", "stages.1.lora.targets=[wq, w2]"])
+    assert run.stages[1].lora == LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=["wq", "w2"])
+    assert run.stages[0].lora is None

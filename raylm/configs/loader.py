@@ -162,6 +162,16 @@ def _merge(base: DictConfig, layer: dict, origin: str) -> DictConfig:
         raise _explain(err, origin) from None
 
 
+def _start_null_sections(cfg: DictConfig, key: str) -> None:
+    """A key inside an optional section that is null (``stages.1.lora.rank=16``, lora null) starts it from its defaults."""
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        prefix = ".".join(parts[:end])
+        optional, section = optional_inner(_annotation_at(prefix))
+        if optional and is_dataclass(section) and OmegaConf.select(cfg, prefix, default=0) is None:
+            OmegaConf.update(cfg, prefix, OmegaConf.structured(section), merge=False)
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Apply ``key=value`` items in order; list items by index (``stages.1.kind=sft``)."""
     for item in overrides:
@@ -176,6 +186,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if annotation is not None:
             check_shape(value, annotation, key, f"override '{item}'")
         try:
+            _start_null_sections(cfg, key)
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
             if not getattr(err, "full_key", None):
