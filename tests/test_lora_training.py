@@ -1,4 +1,4 @@
-"""LoRA stages on real DeepSpeed engines (2 gloo ranks, no Ray): ZeRO 0, 1 and 2 (and 2 under bf16) train only the adapters,
+"""LoRA stages on real DeepSpeed engines (2 gloo ranks, no Ray): ZeRO 0, 1 and 2 (1 and 2 under bf16) train only the adapters,
 checkpoint only them and their optimizer state, resume exactly, and end with the base's dense weights plus the update;
 also with activation checkpointing, whose wrapper renames the parameters DeepSpeed sees."""
 
@@ -30,6 +30,7 @@ LORA_PRETRAIN = [*CHECKPOINT_AT_3, "data.tokenizer=byte", "cluster.num_workers=2
 ZERO_STAGES = (0, 1, 2)
 # Each run's directory name -> its layout; every one is also resumed at step 3 on its own layout.
 LAYOUTS = {**{f"zero{zero}": [f"parallel.zero_stage={zero}"] for zero in ZERO_STAGES},
+           "bf16-zero1": ["parallel.zero_stage=1", "train.precision=bf16"],  # DeepSpeed's BF16_Optimizer (bf16 ZeRO-0 too)
            "bf16-zero2": ["parallel.zero_stage=2", "train.precision=bf16"],
            "zero1-recompute": ["parallel.zero_stage=1", "parallel.activation_checkpointing=true"]}
 
