@@ -72,10 +72,20 @@ def _train_and_resume(rank: int, world_size: int, tmp: Path) -> None:
         _train(other, ["parallel.zero_stage=0", "stages.0.lora.rank=2"], rank)
 
 
+def _resume_on_one_rank(rank: int, world_size: int, tmp: Path) -> None:
+    """The 2-rank ZeRO-2 run's step 3 continued by one rank, as after an elastic shrink."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    shrunk = tmp / "zero2-on-one-rank"
+    shutil.copytree(tmp / "zero2", shrunk)
+    forget_after(shrunk, 3)
+    _train(shrunk, ["parallel.zero_stage=2", "cluster.num_workers=1"], rank)
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lora")
     run_on_gloo(_train_and_resume, 2, root)
+    run_on_gloo(_resume_on_one_rank, 1, root)
     return root
 
 
@@ -146,8 +156,9 @@ def test_lora_resume_repeats_the_uninterrupted_run(lora_runs, name):
 
 
 @pytest.mark.timeout(600)
-def test_lora_resumes_on_another_zero_stage(lora_runs):
-    run_dir, resharded = lora_runs / "zero2", lora_runs / "zero2-as-zero1"
+@pytest.mark.parametrize("resumed", ["zero2-as-zero1", "zero2-on-one-rank"])
+def test_lora_resumes_on_another_layout(lora_runs, resumed):
+    run_dir, resharded = lora_runs / "zero2", lora_runs / resumed
     assert [r["step"] for r in read_metrics(resharded, kind="event") if r.get("event") == "resharded"] == [3]
     cfg = _cfg()
     rel = training_rel(cfg.model, cfg.train.global_batch_size * cfg.model.max_seq_len, 5)
