@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
-from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, write_manifest
@@ -34,13 +35,14 @@ from raylm.trainer.sample import sample_text
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
-from raylm.models.flops import flops_per_token
+from raylm.models.flops import flops_per_token, lora_flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
+from raylm.models.lora import ADAPTER_DIR, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, load_any, save_consolidated
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
-from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
+from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
@@ -87,6 +89,30 @@ def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Option
     return model
 
 
+def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Optional[Path],
+                      trained: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
+    """The model a stage trains: the dense model, or (with ``lora``) its frozen base from ``init_path`` with adapters.
+
+    ``trained`` are a resharded resume's trainable weights: every weight, or under LoRA the adapters alone.
+    """
+    if lora is None:
+        return build_dense_model(cfg, init_path, trained)
+    model = build_dense_model(cfg, init_path)
+    add_lora(model, lora, cfg.train.seed)
+    if trained is not None:
+        load_adapters(model, trained)
+    # Checkpoints save the module's state_dict: here the adapters alone. (DeepSpeed's exclude_frozen_parameters
+    # matches named_parameters' names, which miss a tied head and differ under activation checkpointing's wrapper.)
+    frozen = [name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad]
+    model.register_state_dict_post_hook(partial(_drop_entries, frozen))
+    return model
+
+
+def _drop_entries(names: List[str], module: torch.nn.Module, state: Dict[str, torch.Tensor], prefix: str, local_metadata: Dict) -> None:
+    for name in names:
+        del state[prefix + name]
+
+
 class StageTrainer:
     """Owns one stage's engine, data and sinks on one rank."""
 
@@ -113,27 +139,32 @@ class StageTrainer:
 
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
+        self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
-                                  self.cfg.parallel.zero_stage, self.bf16)
+                                  self.cfg.parallel.zero_stage, self.bf16, asdict(self.lora) if self.lora is not None else None)
         self.resume_from = self._choose_checkpoint()
         if self.resume_from is not None:
             self.session.fetch(self.resume_from, lambda rel: False)  # the manifest
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
+        if self.saved is not None and self.saved.lora != self.state.lora:
+            raise UserError(f"checkpoint {self.resume_from} was written with stages.{stage_index}.lora={self.saved.lora}, this stage has "
+                            f"{self.state.lora}; restore that setting, or start a new stage from this one's initial weights")
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
         if self.reshard:
             self.session.fetch(self.resume_from, lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/"))
-        dense = build_dense_model(
-            self.cfg,
-            initial_weights(run_dir, self.run, stage_index),
-            self._layout_free_weights() if self.reshard else None,
-        )
+        self.init_path = initial_weights(run_dir, self.run, stage_index)
+        dense = build_stage_model(self.cfg, self.lora, self.init_path, self._layout_free_weights() if self.reshard else None)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.engine = self._build_engine()
         self.seq_len = self.cfg.model.max_seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        if self.lora is None:
+            self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        else:
+            adapters = sum(p.numel() for p in dense.parameters() if p.requires_grad)
+            self.flops_per_token = lora_flops_per_token(self.cfg.model, self.seq_len, adapters)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         # Every rank runs its stage's forward once per micro-batch, training or
         # evaluating; a middle pipeline stage never touches the data, so the
@@ -147,8 +178,10 @@ class StageTrainer:
         params = [p for p in self.par.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            # DeepSpeed drops an empty group (a LoRA stage trains no norms), and the scheduler would then count one too many.
+            [group for group in groups if group["params"]],
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
@@ -219,7 +252,8 @@ class StageTrainer:
                 print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
         else:
             self.session.fetch(path, read_by_rank(self.engine, self.ctx.rank))
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                       load_module_strict=self.lora is None)  # a LoRA checkpoint lacks the frozen base
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
             set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False), self.ctx.device)
@@ -241,7 +275,9 @@ class StageTrainer:
     def checkpoint(self, metrics: Dict) -> None:
         began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
-        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+        # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
+        # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
+        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
         dist.barrier()
@@ -377,10 +413,17 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
-        full_state = consolidated_state_dict(self.engine, self.par)
+        full_state = consolidated_state_dict(self.engine, self.par)  # every trained weight: under LoRA, the adapters
+        trainable_params = sum(t.numel() for t in full_state.values())
+        optimizer_state_mb = optimizer_state_bytes(self.engine) / 2**20
         summary: Dict = {}
         if self.ctx.rank == 0:
             final_dir = self.stage_dir / FINAL_DIR
+            if self.lora is not None:
+                save_peft_adapter(full_state, self.lora, final_dir / ADAPTER_DIR)
+                # The next stage and export read dense weights: the base, unrounded, plus the adapters' update.
+                base = build_dense_model(self.cfg, self.init_path).state_dict()
+                full_state = merged_weights(base, full_state, self.lora)
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
             self.session.publish(self.run_dir, f"{self.stage.name}/{FINAL_DIR}")
@@ -393,6 +436,7 @@ class StageTrainer:
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
                 **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
+                "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
             self.session.publish(self.run_dir, f"{self.stage.name}/{STAGE_SUMMARY}")  # last: it marks the stage finished
