@@ -38,8 +38,9 @@ from raylm.trainer import run_dir as rundir
 from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
 from raylm.trainer.layout import FINAL_DIR, STAGE_SUMMARY
-from raylm.trainer.stage_data import TOKENIZER_DIR
-from raylm.trainer.worker import build_dense_model, check_init_weights, initial_weights
+from raylm.trainer.run_inputs import TOKENIZER_DIR
+from raylm.trainer.run_inputs import initial_weights
+from raylm.trainer.worker import build_dense_model, check_init_weights
 from raylm.models.hf import hf_config, save_hf, to_hf_state_dict
 from raylm.models.llama import Llama
 from raylm.models.weights import load_any, save_consolidated

@@ -112,3 +112,39 @@ def test_no_credential_travels_with_a_store(runs):
     shipped = pickle.dumps(store) + pickle.dumps(store.fs) + store.uri.encode()
     assert not any(value.encode() in shipped for value in CREDENTIALS.values() if value != "us-east-1")
     assert json.dumps(store.display()).count("endpoint_override") == 0
+
+
+def test_inputs_only_the_drivers_disk_holds_reach_a_worker_through_the_store(runs, cache, tmp_path):
+    """A prepared data.source and init_from weights on the driver's disk: staged into the run and uploaded by the
+    driver, fetched by a machine that never saw them, and read there as the driver would."""
+    from safetensors.torch import load_file
+
+    from conftest import TINY_PRETRAIN, finished_run
+    from raylm.configs.loader import load_config
+    from raylm.launcher.cli import main
+    from raylm import storage
+    from raylm.storage import store_of
+    from raylm.trainer import run_dir as rundir
+    from raylm.trainer.run_inputs import fetch_inputs, initial_weights, stage_inputs
+    from raylm.trainer.stage_data import open_stage_data, prepare_stage_data
+
+    weights = finished_run(tmp_path / "local") / "pretrain" / "final"
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", "builtin:pydoc", "--out", str(prepared), "--tokenizer", str(weights), "--workers", "1"]) == 0
+    stage = f"stages=[{{name: more, kind: pretrain, init_from: {weights}, data: {{source: {prepared}}}}}]"
+    run = load_config("tiny", [f"runs_dir={runs}", "name=staged", *TINY_PRETRAIN, "data.tokenizer=byte", stage])
+    driver_view = rundir.create(run, "staged")
+    on_driver = prepare_stage_data(driver_view, run, 0)
+    stage_inputs(driver_view, run, 0, prepared)
+
+    cache("worker")
+    worker_view = storage.view_of(store_of(driver_view))
+    assert fetch_inputs(worker_view, 0) > 0
+    init = initial_weights(worker_view, run, 0)
+    assert init == worker_view / "more" / "init"
+    expected, got = load_file(str(weights / "model.safetensors")), load_file(str(init / "model.safetensors"))
+    assert all((expected[name] == got[name]).all() for name in expected)
+    on_worker = open_stage_data(worker_view, run, 0)
+    assert on_worker.train.num_samples == on_driver.train.num_samples > 0
+    assert (on_worker.train.batch([0, 7])[0] == on_driver.train.batch([0, 7])[0]).all()
+    assert on_worker.tokenizer.fingerprint == on_driver.tokenizer.fingerprint

@@ -24,7 +24,7 @@ from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.sample import prompt_for, stop_tokens
-from raylm.trainer.stage_data import DATA_DIR
+from raylm.trainer.run_inputs import DATA_DIR
 from raylm.models.generate import stream
 from raylm.models.llama import Llama
 from raylm.models.loss import cross_entropy_loss

@@ -13,9 +13,9 @@ from raylm import storage
 from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.trainer import run_dir as rundir
-from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, LOGS_DIR, rank_log_name
+from raylm.trainer.layout import CONFIG_FILE, LOGS_DIR, rank_log_name
 from raylm.trainer.phases import Phases
-from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR
+from raylm.trainer.run_inputs import fetch_inputs
 from raylm.launcher.ray_session import RaySession
 from raylm.parallelism.zero import usable_world_size
 
@@ -120,13 +120,8 @@ def _fetch_run_inputs(run_dir: Path, stage_index: int, relay) -> None:
     import ray
     import ray.train
 
-    storage.pull(run_dir, CONFIG_FILE)
-    run = from_yaml_file(run_dir / CONFIG_FILE)
-    stage = run.stages[stage_index]
-    trees = [TOKENIZER_DIR, f"{DATA_DIR}/{stage.name}"]
-    if stage_index > 0 and not stage.init_from:
-        trees.append(f"{run.stages[stage_index - 1].name}/{FINAL_DIR}")
-    fetched = sum(storage.fetch_tree(run_dir, tree) for tree in trees)
+    fetched = fetch_inputs(run_dir, stage_index)
+    stage = from_yaml_file(run_dir / CONFIG_FILE).stages[stage_index]
     rank = ray.train.get_context().get_world_rank()
     print(f"[raylm] run inputs ready on this machine; rank {rank} downloaded {fetched / 2**20:.1f} MiB of them", flush=True)
     relay.put.remote({"stage": stage.name, "step": 0, "kind": "event", "event": "fetched", "rank": rank,

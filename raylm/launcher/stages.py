@@ -20,7 +20,9 @@ from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.timeline import stage_timeline
-from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR, StageData, prepare_stage_data
+from raylm.data.prepare import is_prepared
+from raylm.trainer.run_inputs import stage_inputs
+from raylm.trainer.stage_data import StageData, prepare_stage_data
 from raylm.trainer.worker import check_init_weights
 from raylm.trainer.checkpoint import RAY_SNAPSHOT, registered_by_ray
 from raylm.trainer.metrics import WANDB_ID_FILE
@@ -78,9 +80,9 @@ def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> St
     with console.status(f"[{name}] preparing tokenizer and data from {resolve_stage(run, index).data.source}"):
         data = prepare_stage_data(run_dir, run, index)
     if storage.store_of(run_dir) is not None:
-        with console.status(f"[{name}] uploading tokenizer and data to {storage.where(run_dir)}"):
-            storage.push_tree(run_dir, TOKENIZER_DIR)
-            storage.push_tree(run_dir, f"{DATA_DIR}/{name}")
+        source = resolve_stage(run, index).data.source
+        with console.status(f"[{name}] uploading what the stage reads to {storage.where(run_dir)}"):
+            stage_inputs(run_dir, run, index, Path(source).expanduser() if is_prepared(source) else None)
     return data
 
 

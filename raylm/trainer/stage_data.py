@@ -20,10 +20,9 @@ from raylm.data import open_dataset, prepare_dataset
 from raylm.data.sampler import SampleOrder
 from raylm.data.tokenizer import Tokenizer
 from raylm.storage import store_of
+from raylm.trainer.run_inputs import DATA_DIR, TOKENIZER_DIR
 
-TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
-DATA_DIR = "data"
 
 
 @dataclass

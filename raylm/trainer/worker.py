@@ -33,6 +33,7 @@ from raylm.trainer.phases import Phases
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
+from raylm.trainer.run_inputs import initial_weights
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
@@ -46,16 +47,6 @@ from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_
 from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
-
-
-def initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
-    """The consolidated weights stage ``index`` starts from, if any."""
-    stage = run.stages[index]
-    if stage.init_from:
-        return Path(stage.init_from)
-    if index > 0:
-        return run_dir / run.stages[index - 1].name / FINAL_DIR
-    return None
 
 
 def _shape(cfg: ModelConfig) -> Dict[str, object]:
