@@ -34,10 +34,11 @@ from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
-from raylm.models.weights import check_weights, load_any, save_consolidated
+from raylm.models.weights import check_weights, load_any, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
-from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
+from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
+from raylm.parallelism.materialize import WeightSource, fresh_weights, stored_weights
 from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
@@ -70,16 +71,11 @@ def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
         raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")
 
 
-def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
-    """The full model on every rank: fresh, from ``init_path``, or from ``weights`` (dense names; a resharded resume)."""
+def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
+    """The whole model in one process, fresh or from ``init_path``: what every layout's ranks hold parts of."""
     torch.manual_seed(cfg.train.seed)
-    model = Llama(cfg.model)
-    if weights is not None:
-        missing = {name for name, _ in model.named_parameters()} - weights.keys()
-        if missing:
-            raise ValueError(f"the layout-free checkpoint lacks {sorted(missing)}")
-        model.load_state_dict(weights, strict=False)  # a tied head and buffers are not stored
-    elif init_path is not None:
+    model = Llama(cfg.model, cfg.train.seed)
+    if init_path is not None:
         check_init_weights(cfg, init_path)
         model.load_state_dict(load_any(init_path)[1])
     return model
@@ -114,12 +110,12 @@ class StageTrainer:
         self.resume_from = self._choose_checkpoint()
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
-        dense = build_dense_model(
-            self.cfg,
-            initial_weights(run_dir, self.run, stage_index),
-            self._layout_free_weights() if self.reshard else None,
+        torch.manual_seed(self.cfg.train.seed)
+        with torch.device("meta"):  # shapes only: each rank makes just the weights it holds
+            layout = Llama(self.cfg.model, self.cfg.train.seed)
+        self.par: ParallelModel = build_parallel_model(
+            layout, self.cfg, self.ctx.rank, self.ctx.world_size, self._weight_source(initial_weights(run_dir, self.run, stage_index))
         )
-        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
@@ -185,14 +181,23 @@ class StageTrainer:
         dist.broadcast_object_list(chosen, src=0)
         return Path(chosen[0]) if chosen[0] is not None else None
 
-    def _layout_free_weights(self) -> Dict[str, torch.Tensor]:
-        source = self.resume_from / LAYOUT_FREE_DIR
-        if not (source / OPTIMIZER_FILE).is_file():
-            raise UserError(
-                f"checkpoint {self.resume_from} was written with {self.saved.layout()} and has no {LAYOUT_FREE_DIR}/ copy, "
-                f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
-            )
-        return read_layout_free_weights(source)
+    def _weight_source(self, init_path: Optional[Path]) -> WeightSource:
+        """Where this rank's weights come from: a resharded checkpoint's layout-free copy, the stage's initial weights, or the seed.
+
+        A resume in the same layout starts from the seed too; DeepSpeed's own checkpoint overwrites every weight.
+        """
+        if self.reshard:
+            source = self.resume_from / LAYOUT_FREE_DIR
+            if not (source / OPTIMIZER_FILE).is_file():
+                raise UserError(
+                    f"checkpoint {self.resume_from} was written with {self.saved.layout()} and has no {LAYOUT_FREE_DIR}/ copy, "
+                    f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
+                )
+            return stored_weights(layout_free_locations(source), f"the layout-free checkpoint {source}")
+        if init_path is not None:
+            check_init_weights(self.cfg, init_path)
+            return stored_weights(weight_locations(init_path), str(init_path))
+        return fresh_weights(self.cfg.model, self.cfg.train.seed)
 
     def resume(self) -> None:
         """Continue from the chosen checkpoint: DeepSpeed's own shards when the layout is the same, else the layout-free copy."""
