@@ -1,7 +1,6 @@
 """Peak host memory of building one rank's model, measured in fresh processes (one per layout).
 
-Each rank reads its resident set size before the build and its peak (``ru_maxrss``) after it: the
-difference is what building the model (the meta layout, its shards, their values) cost that rank.
+Each rank resets its peak resident set size before the build and reads it after: the growth is what building the model (the meta layout, its shards, their values) cost that rank.
 Used by ``test_shard_init`` and ``benchmarks/shard_memory.py``.
 """
 
@@ -9,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -21,13 +19,24 @@ from gloo_spawn import run_on_gloo
 MIB = 2**20
 
 
-def _resident_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024  # kB
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _start_measuring() -> float:
+    """Reset the peak resident set size to the current one (Linux clear_refs 5); returns the current one in MiB.
+
+    Not ``ru_maxrss``: it survives ``execve``, so a spawned rank would start from its parent's size.
+    """
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_mib("VmRSS")
+
+
+def _peak_since(start: float) -> float:
+    return _status_mib("VmHWM") - start
 
 
 def _build(rank: int, world_size: int, overrides: Sequence[str], init_from: Optional[str], out: str) -> None:
@@ -42,12 +51,14 @@ def _build(rank: int, world_size: int, overrides: Sequence[str], init_from: Opti
     run = load_config("tiny", [*overrides, f"cluster.num_workers={world_size}"])
     init_distributed(run, torch.device("cpu"))
     weights = stored_weights(weight_locations(Path(init_from)), init_from) if init_from else fresh_weights(run.model, run.train.seed)
-    before = _resident_mib()
-    with torch.device("meta"):
+    with torch.device("meta"):  # holds nothing, but the first meta model imports torch's meta kernels (~80 MiB, once)
         layout = Llama(run.model, run.train.seed)
+    before = _start_measuring()
     par = build_parallel_model(layout, run, rank, world_size, weights)
-    held = sum(p.numel() * p.element_size() for p in par.module.parameters()) / MIB
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_mib": _peak_mib() - before, "weights_mib": held}))
+    # Read every weight: stored ones may be lazily mapped from their file until something reads them (as
+    # moving them to the GPU does), and only then count in the resident set.
+    held = sum(p.numel() * p.element_size() for p in par.module.parameters() if p.sum().isfinite()) / MIB
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_mib": _peak_since(before), "weights_mib": held}))
 
 
 def build_peaks(world_size: int, overrides: Sequence[str], init_from: Optional[Path] = None) -> List[dict]:
@@ -55,3 +66,46 @@ def build_peaks(world_size: int, overrides: Sequence[str], init_from: Optional[P
     with tempfile.TemporaryDirectory() as out:
         run_on_gloo(_build, world_size, list(overrides), str(init_from) if init_from else None, out)
         return [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def _step(rank: int, world_size: int, overrides: Sequence[str], bf16: bool, out: str) -> None:
+    from raylm.configs.loader import load_config
+    from raylm.models.llama import Llama
+    from raylm.parallelism.apply import build_parallel_model
+    from raylm.parallelism.materialize import fresh_weights
+    from raylm.trainer.device import init_distributed
+
+    run = load_config("tiny", [*overrides, f"cluster.num_workers={world_size}"])
+    init_distributed(run, torch.device("cpu"))
+    with torch.device("meta"):
+        layout = Llama(run.model, run.train.seed)
+    par = build_parallel_model(layout, run, rank, world_size, fresh_weights(run.model, run.train.seed))
+    model = par.module.to(torch.bfloat16 if bf16 else torch.float32)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)  # as after the first step: backward accumulates into them
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, run.model.vocab_size, (run.parallel.micro_batch_size, run.model.max_seq_len + 1), generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    par.loss_fn(model(inputs[:, :8]).float(), targets[:, :8]).backward()  # kernels' one-time set-up, outside the measurement
+    before = _start_measuring()
+    par.loss_fn(model(inputs).float(), targets).backward()  # what the training loop runs per micro-batch
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_mib": _peak_since(before)}))
+
+
+def step_peaks(world_size: int, overrides: Sequence[str], bf16: bool = False) -> List[float]:
+    """Per tensor rank (world_size = tp, pp = 1): the host memory one micro-batch's forward and backward adds at its peak.
+
+    The ranks run with a fixed glibc mmap threshold, so that every freed tensor goes back to the system and
+    the resident set follows the live tensors (otherwise freed activations stay in the heap, counted).
+    """
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # read by the spawned ranks' C library at start
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            run_on_gloo(_step, world_size, list(overrides), bf16, out)
+            return [json.loads(Path(out, f"rank{rank}.json").read_text())["peak_mib"] for rank in range(world_size)]
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved

@@ -157,12 +157,16 @@ def read_part(location: Location, dim: Optional[int], index: int, parts: int) ->
         with safe_open(str(path), "pt") as handle:
             stored = handle.get_slice(key)
             if dim is None:
-                return stored[:]
-            size = stored.get_shape()[dim]
-            if size % parts:
-                raise ValueError(f"{key} in {path} has {size} entries along dimension {dim}, not a multiple of {parts}")
-            step = size // parts
-            return stored[(slice(None),) * dim + (slice(index * step, (index + 1) * step),)]
+                part = stored[:]
+            else:
+                size = stored.get_shape()[dim]
+                if size % parts:
+                    raise ValueError(f"{key} in {path} has {size} entries along dimension {dim}, not a multiple of {parts}")
+                step = size // parts
+                part = stored[(slice(None),) * dim + (slice(index * step, (index + 1) * step),)]
+            # A copy out of the memory-mapped file: its pages, counted in this process's resident memory
+            # while mapped, are let go when the file closes (a column slice touches the whole tensor's).
+            return part.clone()
     except (SafetensorError, OSError) as err:
         raise _unreadable(path, err, POINT_AT_WEIGHTS) from None
 
