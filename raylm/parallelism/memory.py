@@ -37,10 +37,10 @@ flatten up to a bucket of fp32 gradients while they all-reduce.
 
 Start-up: each rank builds only its own weights, in fp32, on the host
 (``raylm.parallelism.materialize``): its weights, plus the largest weight drawn
-whole when tp > 1, plus (bf16) the fp32 copies that become DeepSpeed's masters.
-The same fp32 weights then sit on the GPU before ``deepspeed.initialize``
-converts and partitions them, which is the peak of a ZeRO-3 rank whose
-partitioned states are small.
+whole when tp > 1 (measured: ``benchmarks/shard_memory.py``). The same fp32
+weights then sit on the GPU before ``deepspeed.initialize`` converts and
+partitions them, which is the peak of a ZeRO-3 rank whose partitioned states
+are small.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class MemoryPlan:
     """The blocks' saved activations of every micro-batch in flight."""
     activations_checkpointed_gib: float
     loss_gib: float
-    """The last stage's final norm and the loss's fp32 buffers, one micro-batch."""
+    """The last stage's final norm and the loss's fp32 buffers, one micro-batch (with pp > 1 counted on top
+    of the first stage's activations: an upper bound for the busiest rank)."""
     buckets_gib: float
     """DeepSpeed's gradient communication buffers."""
     startup_gib: float
@@ -166,7 +167,7 @@ def estimate(run: RunConfig, bf16: bool) -> MemoryPlan:
     per_layer_ckpt = tokens * act_bytes * m.d_model
     activations = layers_per_stage * per_layer * in_flight
     checkpointed = layers_per_stage * per_layer_ckpt * in_flight + per_layer
-    host = 4 * n * (2 if bf16 else 1) + (4 * largest_weight(m) if p.tp > 1 else 0)
+    host = 4 * n + (4 * largest_weight(m) if p.tp > 1 else 0)
     bubble = (p.pp - 1) / (count + p.pp - 1)
     return MemoryPlan(
         params=param_count(m),

@@ -39,7 +39,7 @@ from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
 from raylm.parallelism.materialize import WeightSource, fresh_weights, stored_weights
-from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, set_master_weights
+from raylm.parallelism.masters import consolidated_state_dict, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
@@ -113,13 +113,12 @@ class StageTrainer:
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta"):  # shapes only: each rank makes just the weights it holds
             layout = Llama(self.cfg.model, self.cfg.train.seed)
-        self.par: ParallelModel = build_parallel_model(
-            layout, self.cfg, self.ctx.rank, self.ctx.world_size, self._weight_source(initial_weights(run_dir, self.run, stage_index))
-        )
+        weights = self._weight_source(initial_weights(run_dir, self.run, stage_index))
+        self.par: ParallelModel = build_parallel_model(layout, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
-        self.engine = self._build_engine()
+        self.engine = self._build_engine(weights)
         self.seq_len = self.cfg.model.max_seq_len
         self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
@@ -128,7 +127,7 @@ class StageTrainer:
         # heartbeat goes here rather than where batches are read.
         self.par.module.register_forward_pre_hook(lambda *_: self.watchdog.beat())
 
-    def _build_engine(self):
+    def _build_engine(self, weights: WeightSource):
         import deepspeed
 
         o = self.cfg.optim
@@ -143,7 +142,6 @@ class StageTrainer:
         )
         max_steps = self.cfg.train.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
-        weights = fp32_weights(self.par) if self.bf16 else None
         engine, _, _, _ = deepspeed.initialize(
             model=self.par.module.to(self.ctx.device),
             optimizer=optimizer,
@@ -151,7 +149,7 @@ class StageTrainer:
             config=deepspeed_config(self.cfg, self.dp_size, self.bf16),
             mpu=self.par.mpu,
         )
-        if weights is not None:
+        if self.bf16:
             # DeepSpeed made its fp32 masters from the bf16-rounded module; a
             # stage starting from given (or seeded) weights starts from them exactly.
             set_master_weights(engine, self.par, weights)
