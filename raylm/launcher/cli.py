@@ -266,6 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("activations per step (no checkpointing)", plan.activations_gib),
         ("activations per step (checkpointing)", plan.activations_checkpointed_gib),
         ("final norm, logits and loss buffers (last stage)", plan.loss_gib),
+        ("backward: the largest weight's gradient before accumulation", plan.backward_gib),
         ("DeepSpeed communication buckets", plan.buckets_gib),
         ("training", plan.training_gib(p.activation_checkpointing)),
         ("start-up: fp32 weights before deepspeed.initialize", plan.startup_gib),

@@ -23,6 +23,9 @@ in bf16, 4 in fp32, d = d_model, f = the SwiGLU width, h = n_head:
   their peak (the fp32 logits, the shifted logits and their exponentials, or
   log-softmax and its gradients when tp = 1).
 
+In backward each weight's gradient is made whole before it is added to the
+one accumulated so far: the largest weight, once more, in the compute dtype.
+
 With full recomputation a block keeps only its input (a d) and one block at a
 time is recomputed whole. Korthikanti et al. 2022 (table 2) count
 d (10 + 24 / tp) bytes per token and layer in 16-bit; raylm's fp32 norm
@@ -75,6 +78,8 @@ class MemoryPlan:
     loss_gib: float
     """The last stage's final norm and the loss's fp32 buffers, one micro-batch (with pp > 1 counted on top
     of the first stage's activations: an upper bound for the busiest rank)."""
+    backward_gib: float
+    """The largest weight's gradient, made whole in backward before it is added to the accumulated one."""
     buckets_gib: float
     """DeepSpeed's gradient communication buffers."""
     startup_gib: float
@@ -92,7 +97,7 @@ class MemoryPlan:
 
     def training_gib(self, activation_checkpointing: bool) -> float:
         act = self.activations_checkpointed_gib if activation_checkpointing else self.activations_gib
-        return self.model_states_gib + act + self.loss_gib + self.buckets_gib
+        return self.model_states_gib + act + self.loss_gib + self.backward_gib + self.buckets_gib
 
     def total_gib(self, activation_checkpointing: bool) -> float:
         """The peak: training, or start-up if that is higher."""
@@ -179,6 +184,7 @@ def estimate(run: RunConfig, bf16: bool) -> MemoryPlan:
         activations_gib=activations / GIB,
         activations_checkpointed_gib=checkpointed / GIB,
         loss_gib=tokens * loss_bytes(m, p.tp, act_bytes) / GIB,
+        backward_gib=largest_weight(m) / p.tp * act_bytes / GIB,
         buckets_gib=bucket_bytes(zero, bf16, n) / GIB,
         startup_gib=4 * n / GIB,
         host_startup_gib=host / GIB,
