@@ -164,8 +164,10 @@ def init_weight_(cfg: ModelConfig, name: str, weight: torch.Tensor, seed: int) -
 
     Norms start at one; everything else is normal(0, init_std), the residual output projections
     (``attention.wo``, ``feed_forward.w2``) with init_std / sqrt(2 n_layer) (GPT-2). Every weight
-    draws from its own CPU generator seeded from (``seed``, ``name``), so any subset of the model
-    can be made alone with the values it has in the whole model. A tensor on ``meta`` is left as it is.
+    draws from its own generator seeded from (``seed``, ``name``), so any subset of the model can be
+    made alone with the values it has in the whole model. Training makes them on the CPU; a model
+    built on another device (to load weights into) draws from that device's generator, other values.
+    A tensor on ``meta`` is left as it is.
     """
     if weight.is_meta:
         return weight
@@ -173,10 +175,8 @@ def init_weight_(cfg: ModelConfig, name: str, weight: torch.Tensor, seed: int) -
         return weight.fill_(1.0)
     residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
     std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
-    generator = torch.Generator().manual_seed(_weight_seed(seed, name))
-    if weight.device.type == "cpu":
-        return weight.normal_(0.0, std, generator=generator)
-    return weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std, generator=generator))
+    generator = torch.Generator(device=weight.device).manual_seed(_weight_seed(seed, name))
+    return weight.normal_(0.0, std, generator=generator)
 
 
 class Llama(nn.Module):
