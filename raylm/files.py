@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -30,3 +31,11 @@ def read_json(path: Path, fix: str, expect: type = dict) -> Any:
     if not isinstance(value, expect):
         raise UserError(f"{path} holds a JSON {type(value).__name__}, not {'an object' if expect is dict else expect.__name__}; {fix}")
     return value
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -79,7 +79,10 @@ def test_yaml_round_trip(tmp_path: Path):
         (["stages.0.init_from=/no/such/dir"], "stages.0.init_from"),
         (["stages=[]"], "stages is empty"),
         (["train.max_steps"], "must look like key=value"),
-        (["runs_dir=s3://bucket/runs"], "runs_dir='s3://bucket/runs': raylm cannot write runs to s3:// storage yet"),
+        (["runs_dir=hdfs://nn/runs"], "runs_dir=hdfs://nn/runs: raylm stores runs on a local or shared path, s3:// or gs://, not hdfs://"),
+        (["runs_dir=s3://bucket/runs?secret_key=abc"], "runs_dir=s3://bucket/runs?...: credentials do not belong in a URI"),
+        (["runs_dir=s3://bucket/runs", "stages=[{name: sft, kind: sft, init_from: /w}]"],
+         "stages.0.init_from=/w: with runs_dir on object storage workers cannot read local weights"),
     ],
 )
 def test_invalid_configs_name_the_key(overrides, fragment):

@@ -1,5 +1,6 @@
 """README: each restart is logged to W&B with the step it resumed from, and every metric is plotted
-against ``trainer/step``, so a rewind to a checkpoint never hits W&B's monotonic-step rule.
+against ``trainer/step``, so a rewind to a checkpoint never hits W&B's monotonic-step rule; the driver
+owns the W&B run, so a killed worker loses nothing of it.
 
 One small run (12 steps, a checkpoint every 4, 2 workers) whose rank 1 is SIGKILLed once step 6 is
 logged; what W&B recorded is read back from the offline run files.
@@ -43,25 +44,23 @@ def check_wandb_after_one_restart(run_dir: Path) -> None:
     assert checkpoints and restart["step"] == max(checkpoints)
     assert restart["last_logged_step"] > restart["step"]
 
-    # One W&B run id for the stage; the restarted worker group appends to it (offline: a second directory).
+    # The driver owns the stage's W&B run, so the worker restart neither starts another nor loses what was logged.
     run_id = (run_dir / "pretrain" / "wandb_id").read_text()
-    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline)
-    # The killed group's file holds only what wandb-core had flushed (it writes in 32 KiB blocks): maybe nothing.
-    before, after = (read_run(p) for p in offline)
-
-    for wandb_run in (before, after):
-        logged = {key for row in wandb_run.history for key in row if not key.startswith("_")} - {"trainer/step"}
-        assert {key: wandb_run.step_metric(key) for key in logged} == {key: "trainer/step" for key in logged}
-    assert {"train/loss", "event/steps_lost", "start/world_size", "end/final_loss"} <= {key for row in after.history for key in row}
+    (offline,) = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert offline.name.endswith(f"-{run_id}")
+    wandb_run = read_run(offline)
+    logged = {key for row in wandb_run.history for key in row if not key.startswith("_")} - {"trainer/step"}
+    assert {key: wandb_run.step_metric(key) for key in logged} == {key: "trainer/step" for key in logged}
+    assert {"train/loss", "event/steps_lost", "start/world_size", "end/final_loss"} <= logged
 
     # The restart row: the step it resumed from and the logged steps lost, as in metrics.jsonl.
-    (row,) = [r for r in after.history if "event/steps_lost" in r]
+    (row,) = [r for r in wandb_run.history if "event/steps_lost" in r]
     assert row["trainer/step"] == restart["step"]
     assert row["event/steps_lost"] == restart["steps_lost"] == restart["last_logged_step"] - restart["step"]
     assert row["event/last_logged_step"] == restart["last_logged_step"]
 
-    # After the rewind every step is logged again, below the step W&B had already seen.
-    latest_loss = {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
-    again = [(r["trainer/step"], r["train/loss"]) for r in after.history if "train/loss" in r]
-    assert again == [(step, latest_loss[step]) for step in range(restart["step"] + 1, 13)]
+    # Every step the killed group logged is there, and after the rewind every step is logged again, below
+    # the step W&B had already seen: exactly what metrics.jsonl holds, in its order.
+    logged_losses = [(r["trainer/step"], r["train/loss"]) for r in wandb_run.history if "train/loss" in r]
+    assert logged_losses == [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    assert [step for step, _ in logged_losses] == [*range(1, restart["last_logged_step"] + 1), *range(restart["step"] + 1, 13)]

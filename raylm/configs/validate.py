@@ -10,6 +10,7 @@ from pathlib import Path
 
 from raylm.configs.schema import RunConfig
 from raylm.errors import UserError
+from raylm.storage import check_uri, is_uri
 from raylm.parallelism.zero import batch_splits, batch_unit
 
 BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
@@ -193,13 +194,25 @@ def validate_stages(run: RunConfig) -> None:
 
 
 def validate_runs_dir(run: RunConfig) -> None:
-    """A URI is refused, never taken as a local directory named after its scheme (``s3:/bucket``)."""
-    scheme, sep, _ = run.runs_dir.partition("://")
-    if sep:
-        raise UserError(
-            f"runs_dir={run.runs_dir!r}: raylm cannot write runs to {scheme}:// storage yet; "
-            "use a local path or a filesystem every node mounts (NFS, a FUSE mount of the bucket)"
-        )
+    """A URI raylm cannot serve is refused, never taken as a local directory named after its scheme (``s3:/bucket``);
+    on object storage, inputs only the driver's disk holds are refused too (workers could not read them)."""
+    if not is_uri(run.runs_dir):
+        return
+    from raylm.data.prepare import is_prepared
+
+    check_uri(run.runs_dir)  # the store itself is opened and probed when the run is created
+    for index, stage in enumerate(run.stages):
+        if stage.init_from:
+            raise UserError(
+                f"stages.{index}.init_from={stage.init_from}: with runs_dir on object storage workers cannot read local weights; "
+                "import them into a run on a shared disk, or start this run from an earlier stage of it"
+            )
+        source = stage.data.get("source", run.data.source)
+        if is_prepared(str(source)):
+            raise UserError(
+                f"stage '{stage.name}': data.source={source} is a prepared dataset on this machine's disk, which workers of a run "
+                "on object storage cannot read; give its raw sources (the driver tokenizes and uploads them) or use a shared runs_dir"
+            )
 
 
 def validate(run: RunConfig) -> None:

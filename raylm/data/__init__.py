@@ -128,6 +128,19 @@ def _sft_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, see
         return SftRows(out_dir, "train"), SftRows(out_dir, "val"), tokenizer
 
 
+def open_dataset(kind: str, model_cfg: ModelConfig, out_dir: Path) -> Tuple[Union[PackedTokens, SftRows], Union[PackedTokens, SftRows]]:
+    """(train reader, val reader) of a stage dataset ``prepare_dataset`` built into ``out_dir`` from raw
+    sources, opened from its files alone (where its sources are out of reach)."""
+    out_dir = Path(out_dir)
+    try:
+        if kind == "pretrain":
+            prefixes = shard_prefixes(out_dir, read_manifest(out_dir))
+            return tuple(PackedTokens(prefixes, np.load(_segments_path(out_dir, split)), model_cfg.max_seq_len, split) for split in SPLITS)
+        return SftRows(out_dir, "train"), SftRows(out_dir, "val")
+    except (OSError, ValueError) as err:
+        raise UserError(f"the dataset in {out_dir} is damaged ({first_line(err)}); start the stage again to prepare it anew") from None
+
+
 def prepare_dataset(
     kind: str,
     data_cfg: DataConfig,

@@ -112,14 +112,18 @@ def record(run_dir: Path, stage: FinishedStage, scores: Dict[str, Dict[str, floa
     """Add the scores to ``<stage>/summary.json`` (under "eval_tasks"), ``metrics.jsonl`` and the stage's W&B run."""
     from raylm.configs.loader import dump_nested, resolve_stage
     from raylm.trainer import run_dir as rundir
-    from raylm.trainer.layout import METRICS_FILE, STAGE_SUMMARY
+    from raylm import storage
+    from raylm.trainer.layout import METRICS_FILE, STAGE_SUMMARY, WANDB_DIR
     from raylm.trainer.metrics import WANDB_ID_FILE, MetricsFile, WandbRun
 
     summary = rundir.stage_summary(run_dir, stage.name)
+    storage.pull(run_dir, f"{stage.name}/{WANDB_ID_FILE}")
     summary["eval_tasks"] = {**summary.get("eval_tasks", {}), **scores}
     (run_dir / stage.name / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
     step = summary["steps"]
     MetricsFile(run_dir / METRICS_FILE).write({"stage": stage.name, "step": step, "kind": "eval_tasks", "tasks": scores})
+    storage.push(run_dir, f"{stage.name}/{STAGE_SUMMARY}")
+    storage.push(run_dir, METRICS_FILE)
     cfg = resolve_stage(stage.run, stage.index)
     if cfg.logging.wandb.mode == "disabled" or not (run_dir / stage.name / WANDB_ID_FILE).is_file():
         return  # the stage logged no W&B run to add to
@@ -128,3 +132,4 @@ def record(run_dir: Path, stage: FinishedStage, scores: Dict[str, Dict[str, floa
     wandb_run.log(step, values)
     wandb_run.summary(values)
     wandb_run.finish()
+    storage.push(run_dir, WANDB_DIR)

@@ -17,6 +17,7 @@ from rich.console import Console
 from raylm.configs.loader import load_config, preset_names, to_yaml
 from raylm.configs.schema import RunConfig, StageConfig
 from raylm.errors import StageFailed, UserError
+from raylm.storage import is_uri
 
 EXIT_USER_ERROR = 2
 
@@ -100,11 +101,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.resume_if_exists:
         if run.name is None:
             raise UserError("--resume-if-exists needs --name (or name=): the run a relaunch continues")
-        existing = Path(run.runs_dir) / run.name
-        if existing.exists():
+        run_dir = rundir.existing(run)
+        if run_dir is not None:
             from raylm.launcher.resume import relaunch_config
 
-            run_dir = rundir.locate(str(existing))
             _continue(run_dir, relaunch_config(rundir.load(run_dir), run), "--address" if args.address else "cluster.address")
             return 0
     # Everything a bad input can break is checked before the run directory exists or Ray starts;
@@ -178,12 +178,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     config, overrides = _split_config_and_overrides(args)
     run = load_config(config, [*overrides, *([f"name={args.name}"] if args.name else [])])
-    if not Path(run.runs_dir).is_absolute():
+    if not is_uri(run.runs_dir) and not Path(run.runs_dir).is_absolute():
         raise UserError(
             f"runs_dir={run.runs_dir} is relative, and a Ray Job's driver runs in a scratch directory on the head node; "
             "give runs_dir=/absolute/path on storage every node sees"
         )
-    run.name = run.name or rundir.fresh_name(_prefix(args), Path(run.runs_dir))
+    run.name = run.name or rundir.fresh_name(_prefix(args), rundir.name_taken(run.runs_dir))
     with tempfile.TemporaryDirectory(prefix="raylm-submit-") as scratch:
         # The resolved config travels as the job's working_dir (Ray uploads it), so a local YAML file needs no copy there.
         (Path(scratch) / "run.yaml").write_text(to_yaml(run))
@@ -218,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from raylm.trainer import run_dir as rundir
     from raylm.launcher.status import list_runs, run_status
 
-    runs = [rundir.locate(args.run, args.runs_dir)] if args.run else list_runs(Path(args.runs_dir))
+    runs = [rundir.locate(args.run, args.runs_dir)] if args.run else list_runs(args.runs_dir)
     console = Console()
     if not runs:
         console.print(f"no runs in {args.runs_dir}/")

@@ -16,13 +16,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from raylm import storage
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import ModelConfig, RunConfig
-from raylm.data import prepare_dataset
+from raylm.data import open_dataset, prepare_dataset
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.sample import prompt_for, stop_tokens
+from raylm.trainer.stage_data import DATA_DIR
 from raylm.models.generate import stream
 from raylm.models.llama import Llama
 from raylm.models.loss import cross_entropy_loss
@@ -52,7 +54,7 @@ def load_stage(run_dir: Path, stage: Optional[str] = None, device: Optional[torc
     name = final_dir.parent.name
     index = [s.name for s in run.stages].index(name)
     # A stage whose final/ is gone counts as unfinished; resuming writes it again from the last checkpoint.
-    fix = f"delete {final_dir} and run 'raylm resume {run_dir}' to write it again from the stage's last checkpoint"
+    fix = f"delete {final_dir} and run 'raylm resume {storage.where(run_dir)}' to write it again from the stage's last checkpoint"
     cfg, state = load_consolidated(final_dir, fix)
     tokenizer = Tokenizer.load(final_dir, fix)
     with torch.device(device or default_device()):
@@ -109,7 +111,12 @@ def evaluate(stage: FinishedStage, run_dir: Path, data: Optional[str], max_batch
     """Mean held-out loss and perplexity (responses only for sft data)."""
     cfg = resolve_stage(stage.run, stage.index)
     if data is None:
-        _, val, _ = prepare_dataset(stage.kind, cfg.data, stage.model_cfg, run_dir / "data" / stage.name, cfg.train.seed, tokenizer=stage.tokenizer)
+        held_out = run_dir / DATA_DIR / stage.name
+        if storage.store_of(run_dir) is not None:  # a run in object storage: its prepared data, not its sources
+            storage.fetch_tree(run_dir, f"{DATA_DIR}/{stage.name}")
+            _, val = open_dataset(stage.kind, stage.model_cfg, held_out)
+        else:
+            _, val, _ = prepare_dataset(stage.kind, cfg.data, stage.model_cfg, held_out, cfg.train.seed, tokenizer=stage.tokenizer)
         return _mean_loss(stage.model, val, max_batches, batch_size, f"the held-out split of {stage.name}")
     if not Path(data).exists():
         raise UserError(f"--data {data}: no such file or directory")

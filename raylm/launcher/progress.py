@@ -1,31 +1,18 @@
-"""Live console progress on the driver, read from the run's metrics.jsonl.
-
-Workers only append to the metrics file; the driver follows it, so the bar
-shows exactly what is stored, whichever node rank 0 runs on.
-"""
+"""Live console progress on the driver, from the records it writes to metrics.jsonl
+(``RecordPump`` hands each one over), so the bar shows exactly what is stored."""
 
 from __future__ import annotations
 
 import math
-import threading
-from pathlib import Path
-from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from raylm.trainer.metrics import parse_record
-
 
 class StageProgress:
-    def __init__(self, metrics_path: Path, stage: str, max_steps: int, console: Console, enabled: bool = True):
-        self.metrics_path = metrics_path
+    def __init__(self, stage: str, max_steps: int, console: Console, enabled: bool = True):
         self.stage = stage
         self.console = console
-        self.enabled = enabled
-        self._stop = threading.Event()
-        self._offset = metrics_path.stat().st_size if metrics_path.exists() else 0
-        self._thread: Optional[threading.Thread] = None
         self._progress = Progress(
             TextColumn("[bold]{task.fields[stage]}"),
             BarColumn(),
@@ -41,34 +28,14 @@ class StageProgress:
 
     def __enter__(self) -> "StageProgress":
         self._progress.start()
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._poll()
         self._progress.stop()
 
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            self._poll()
-
-    def _poll(self) -> None:
-        try:
-            with open(self.metrics_path) as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except OSError:
-            return  # not written yet, or the run directory's storage hiccups: show it at the next poll
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self._offset += len(complete.encode())
-        for line in complete.splitlines():
-            record = parse_record(line)
-            if record is not None and record.get("stage") == self.stage:
-                self._show(record)
+    def show(self, record: dict) -> None:
+        if record.get("stage") == self.stage:
+            self._show(record)
 
     def _show(self, record: dict) -> None:
         kind = record.get("kind")

@@ -9,10 +9,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from raylm import storage
 from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.trainer import run_dir as rundir
-from raylm.trainer.layout import CONFIG_FILE, LOGS_DIR
+from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, LOGS_DIR, rank_log_name
+from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR
 from raylm.launcher.ray_session import RaySession
 from raylm.parallelism.zero import usable_world_size
 
@@ -25,7 +27,7 @@ def _log_to_file(stage_dir: Path) -> None:
     rank = ray.train.get_context().get_world_rank()
     logs = stage_dir / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    handle = open(logs / f"rank_{rank:03d}.log", "a", buffering=1)
+    handle = open(logs / rank_log_name(rank), "a", buffering=1)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(handle.fileno(), 1)
@@ -111,14 +113,49 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
         ray.train.report({}, checkpoint=None)
 
 
+def _fetch_run_inputs(run_dir: Path, stage_index: int, relay) -> None:
+    """On a run in object storage: the config, tokenizer, the stage's data and the weights it starts from,
+    into this machine's view of the run (each file once per machine, whatever the rank count or restarts)."""
+    import ray
+    import ray.train
+
+    storage.pull(run_dir, CONFIG_FILE)
+    run = from_yaml_file(run_dir / CONFIG_FILE)
+    stage = run.stages[stage_index]
+    trees = [TOKENIZER_DIR, f"{DATA_DIR}/{stage.name}"]
+    if stage_index > 0 and not stage.init_from:
+        trees.append(f"{run.stages[stage_index - 1].name}/{FINAL_DIR}")
+    fetched = sum(storage.fetch_tree(run_dir, tree) for tree in trees)
+    rank = ray.train.get_context().get_world_rank()
+    print(f"[raylm] run inputs ready on this machine; rank {rank} downloaded {fetched / 2**20:.1f} MiB of them", flush=True)
+    relay.put.remote({"stage": stage.name, "step": 0, "kind": "event", "event": "fetched", "rank": rank,
+                      "node": ray.get_runtime_context().get_node_id(), "bytes": fetched})
+
+
 def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    stage = config["stage_name"]
+    # A run in object storage is worked on in this machine's view of it; otherwise its directory is shared.
+    run_dir = storage.view_of(storage.Store(config["run_uri"])) if config["run_uri"] else Path(config["run_dir"])
+    _log_to_file(run_dir / stage)
+    try:
+        _run_rank(config, run_dir, stage)
+    finally:
+        # Into the run's store, failed or not: on object storage nobody else can read this machine's disk.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        storage.push(run_dir, f"{stage}/{LOGS_DIR}/{rank_log_name(ray.train.get_context().get_world_rank())}")
+
+
+def _run_rank(config: dict, run_dir: Path, stage: str) -> None:
     import ray.train
     import ray.train.torch
 
     from raylm.trainer.worker import train_stage
 
-    run_dir, stage = Path(config["run_dir"]), config["stage_name"]
-    _log_to_file(run_dir / stage)
+    if config["run_uri"]:
+        _fetch_run_inputs(run_dir, config["stage_index"], config["relay"])
     cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), config["stage_index"])
     context = ray.train.get_context()
     rank, workers = context.get_world_rank(), context.get_world_size()
@@ -135,4 +172,5 @@ def train_loop_per_worker(config: dict) -> None:
         _wait_out_the_stage(run_dir, stage)
         return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
-    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last), device)
+    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last, config["relay"]),
+                device)

@@ -1,39 +1,75 @@
-"""The per-rank session under Ray Train: checkpoints travel through ``ray.train.report``."""
+"""The per-rank session under Ray Train: checkpoints travel through ``ray.train.report``, metrics
+through the driver's relay, and on a run in object storage everything else through the store."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 import ray.train
 
-from raylm.trainer.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs
+from raylm import storage
+from raylm.trainer.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs, verify
 from raylm.trainer.session import newest_first_unique
+from raylm.trainer.stored_checkpoints import fetch_stored, stored_steps, verify_stored
 
 
 class RaySession:
     """Each rank stages its own files in a private temp dir and reports it.
 
     Ray Train merges every worker's reported directory into one checkpoint
-    directory in the stage's storage (``runs/<name>/<stage>/step_N``); a rank
-    that wrote nothing reports no checkpoint but still calls ``report``
-    (it is a barrier).
+    directory in the stage's storage (``<run>/<stage>/step_N``, on a disk or in
+    a bucket); a rank that wrote nothing reports no checkpoint but still calls
+    ``report`` (it is a barrier). Rank 0's metrics records go to the driver's
+    relay actor: the driver writes metrics.jsonl and owns the W&B run, so
+    neither is lost with a worker.
     """
 
     shared_staging = False
+    owns_metrics = False
 
-    def __init__(self, stage_dir: Path, keep_last: int):
+    def __init__(self, stage_dir: Path, keep_last: int, relay):
         self.stage_dir = stage_dir
         self.keep_last = keep_last
+        self.relay = relay
+        self.store: Optional[storage.Store] = storage.store_of(stage_dir.parent)
+        self.stage = stage_dir.name
+
+    def record(self, record: dict) -> None:
+        self.relay.put.remote(record)  # in order, without waiting: actor calls from one caller run in sequence
 
     def resume_candidates(self) -> List[Path]:
         """Newest step first: Ray's latest registered checkpoint can be older than a complete
         one written after the driver died (its controller never registered it)."""
         latest = ray.train.get_checkpoint()
-        latest_path = Path(latest.path) if latest is not None else None
-        return newest_first_unique([*step_dirs(self.stage_dir), latest_path])
+        latest_path = self.stage_dir / Path(latest.path).name if latest is not None else None
+        if self.store is None:
+            return newest_first_unique([*step_dirs(self.stage_dir), latest_path])
+        return newest_first_unique([*(self.stage_dir / name for name in stored_steps(self.store, self.stage)), latest_path])
+
+    def verify(self, checkpoint: Path) -> Optional[str]:
+        if self.store is None:
+            return verify(checkpoint)
+        return verify_stored(self.store, f"{self.stage}/{checkpoint.name}")
+
+    def fetch(self, checkpoint: Path, wanted: Callable[[str], bool]) -> None:
+        if self.store is None:
+            return
+        began = time.perf_counter()
+        count, fetched = fetch_stored(self.store, f"{self.stage}/{checkpoint.name}", checkpoint, wanted)
+        seconds = time.perf_counter() - began
+        rank = ray.train.get_context().get_world_rank()
+        print(f"[raylm] rank {rank} fetched {count} file(s), {fetched / 2**20:.1f} MiB, of checkpoint "
+              f"{self.store.display(self.stage)}/{checkpoint.name}", flush=True)
+        self.relay.put.remote({"stage": self.stage, "step": 0, "kind": "event", "event": "fetched_checkpoint",
+                               "checkpoint": checkpoint.name, "rank": rank, "files": count, "bytes": fetched,
+                               "seconds": seconds})
+
+    def publish(self, run_dir: Path, rel: str) -> None:
+        storage.push_tree(run_dir, rel) if (run_dir / rel).is_dir() else storage.push(run_dir, rel)
 
     def staging_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
@@ -47,16 +83,22 @@ class RaySession:
             self._prune_unregistered()
 
     def _prune_unregistered(self) -> None:
-        """Ray Train deletes the checkpoints it registered beyond ``keep_last``; one that was complete on disk
+        """Ray Train deletes the checkpoints it registered beyond ``keep_last``; one that was complete
         when its worker group failed is never registered, so never deleted. Older than the newest
         ``keep_last`` complete ones and unknown to Ray, it goes here."""
-        registered = registered_by_ray(self.stage_dir)
+        registered = registered_by_ray(self.stage_dir, self.store)
         if registered is None:
             return
-        complete = [path for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()]
+        if self.store is None:
+            complete = [path.name for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()]
+        else:
+            complete = [name for name in stored_steps(self.store, self.stage) if self.store.is_file(f"{self.stage}/{name}/{MANIFEST}")]
         for old in complete[self.keep_last :]:
-            if old.name not in registered:
-                shutil.rmtree(old, ignore_errors=True)
+            if old not in registered:
+                if self.store is None:
+                    shutil.rmtree(self.stage_dir / old, ignore_errors=True)
+                else:
+                    self.store.delete_dir(f"{self.stage}/{old}")
 
     def close(self, step: int) -> None:
         """One last report: it releases the ranks an elastic restart left without work (they wait in ``report``)."""

@@ -11,6 +11,7 @@ from typing import Dict, List, Tuple
 from rich.console import Console
 from rich.table import Table
 
+from raylm import storage
 from raylm.cluster.connect import ClusterInfo, check_capacity, wants_gpu
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
@@ -18,10 +19,11 @@ from raylm.errors import StageFailed, UserError
 from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
-from raylm.trainer.stage_data import StageData, prepare_stage_data
-from raylm.trainer.worker import check_init_weights, initial_weights
+from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR, StageData, prepare_stage_data
+from raylm.trainer.worker import check_init_weights
 from raylm.trainer.checkpoint import RAY_SNAPSHOT, registered_by_ray
-from raylm.trainer.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE
+from raylm.trainer.metrics import WANDB_ID_FILE
+from raylm.trainer.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE, WANDB_DIR
 
 
 def _worker_error_message(err: BaseException) -> str:
@@ -35,11 +37,15 @@ def _worker_error_message(err: BaseException) -> str:
 def _set_aside_stale_ray_snapshot(stage_dir: Path, console: Console) -> None:
     """Ray Train refuses to restore a run whose snapshot lists a checkpoint directory that is gone
     (deleted by hand, say, after raylm warned it was incomplete). raylm resumes from the
-    ``step_*`` directories on disk either way, so such a snapshot is moved aside."""
-    snapshot = stage_dir / RAY_SNAPSHOT
-    missing = [name for name in registered_by_ray(stage_dir) or [] if not (stage_dir / name).is_dir()]
+    ``step_*`` directories in the run either way, so such a snapshot is moved aside."""
+    store = storage.store_of(stage_dir.parent)
+    is_dir = (lambda name: store.is_dir(f"{stage_dir.name}/{name}")) if store else (lambda name: (stage_dir / name).is_dir())
+    missing = [name for name in registered_by_ray(stage_dir, store) or [] if not is_dir(name)]
     if missing:
-        snapshot.replace(snapshot.with_name(RAY_SNAPSHOT + ".stale"))
+        if store is None:
+            (stage_dir / RAY_SNAPSHOT).replace(stage_dir / (RAY_SNAPSHOT + ".stale"))
+        else:
+            store.fs.move(store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}"), store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}.stale"))
         console.print(f"  [yellow]warning[/]: Ray's record of {stage_dir.name} lists removed checkpoint(s) {', '.join(missing)}; "
                       "set it aside and resuming from the checkpoints on disk")
 
@@ -67,8 +73,14 @@ def check_init_from(run: RunConfig) -> None:
 
 
 def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> StageData:
-    with console.status(f"[{run.stages[index].name}] preparing tokenizer and data from {resolve_stage(run, index).data.source}"):
-        return prepare_stage_data(run_dir, run, index)
+    name = run.stages[index].name
+    with console.status(f"[{name}] preparing tokenizer and data from {resolve_stage(run, index).data.source}"):
+        data = prepare_stage_data(run_dir, run, index)
+    if storage.store_of(run_dir) is not None:
+        with console.status(f"[{name}] uploading tokenizer and data to {storage.where(run_dir)}"):
+            storage.push_tree(run_dir, TOKENIZER_DIR)
+            storage.push_tree(run_dir, f"{DATA_DIR}/{name}")
+    return data
 
 
 def prepare_data(run_dir: Path, run: RunConfig, console: Console) -> None:
@@ -79,48 +91,67 @@ def prepare_data(run_dir: Path, run: RunConfig, console: Console) -> None:
 
 
 def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, console: Console) -> dict:
-    from ray.train import TrainingFailedError
-
+    from raylm.cluster.relay import start_relay, stop_relay
+    from raylm.launcher.record_pump import RecordPump
     from raylm.launcher.trainer import stage_trainer
 
     stage = run.stages[index]
     cfg = resolve_stage(run, index)
     use_gpu, workers = _placement(cfg, info)
-    init_path = initial_weights(run_dir, run, index)
-    if init_path is not None:
-        check_init_weights(cfg, init_path)
+    if stage.init_from:
+        # Weights from outside the run (the previous stage's fit by construction: stages share model.*).
+        check_init_weights(cfg, Path(stage.init_from))
     data = _prepared(run_dir, run, index, console)
     console.print(
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
         f"{workers} on {'GPU' if use_gpu else 'CPU'}"
     )
     _set_aside_stale_ray_snapshot(run_dir / stage.name, console)
-    trainer = stage_trainer(run_dir, run, index, cfg, use_gpu)
-    with StageProgress(run_dir / METRICS_FILE, stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress):
-        try:
-            trainer.fit()
-        except TrainingFailedError as err:
-            user_message = _worker_error_message(err)
-            if user_message:
-                raise UserError(user_message) from None
-            raise StageFailed(
-                f"stage '{stage.name}' failed after {cfg.fault.max_failures} restarts: {str(err).strip().splitlines()[-1]}; "
-                f"worker logs are in {run_dir / stage.name / LOGS_DIR}; continue with 'raylm resume {run_dir}'"
-            ) from err
-    summary = rundir.stage_summary(run_dir, stage.name)
-    if summary is None:
-        raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
+    relay = start_relay()
+    progress = StageProgress(stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress)
+    pump = RecordPump(relay, run_dir, run.name or run_dir.name, stage.name, cfg, progress)
+    summary = None
+    try:
+        with progress, pump:
+            _fit(stage_trainer(run_dir, run, index, cfg, use_gpu, relay), run_dir, stage.name, cfg)
+        summary = rundir.stage_summary(run_dir, stage.name)
+        if summary is None:
+            raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
+    finally:
+        stop_relay(relay)
+        pump.finish(summary or {})
+        storage.push(run_dir, METRICS_FILE)
+        storage.push(run_dir, WANDB_DIR)
+        storage.push(run_dir, f"{stage.name}/{WANDB_ID_FILE}")
     picture = plot_stage_loss(run_dir, stage.name)
-    summary["loss_png"] = str(picture) if picture else None
+    summary["loss_png"] = f"{storage.where(run_dir)}/{picture.relative_to(run_dir)}" if picture else None
     (run_dir / stage.name / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
+    if picture:
+        storage.push(run_dir, str(picture.relative_to(run_dir)))
+    storage.push(run_dir, f"{stage.name}/{STAGE_SUMMARY}")
     return summary
+
+
+def _fit(trainer, run_dir: Path, stage: str, cfg: RunConfig) -> None:
+    from ray.train import TrainingFailedError
+
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        user_message = _worker_error_message(err)
+        if user_message:
+            raise UserError(user_message) from None
+        raise StageFailed(
+            f"stage '{stage}' failed after {cfg.fault.max_failures} restarts: {str(err).strip().splitlines()[-1]}; "
+            f"worker logs are in {run_dir / stage / LOGS_DIR}; continue with 'raylm resume {storage.where(run_dir)}'"
+        ) from err
 
 
 def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) -> dict:
     """Run every unfinished stage on a connected cluster; a finished stage is never re-run."""
     started = time.time()
     console.print(f"cluster: {info.origin()}; {info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs")
-    console.print(f"run [bold]{run.name}[/] in {run_dir}")
+    console.print(f"run [bold]{run.name}[/] in {storage.where(run_dir)}")
     # Every stage still to run must fit the cluster before the first one spends any time.
     for index, stage in enumerate(run.stages):
         if not rundir.stage_finished(run_dir, stage.name):
@@ -133,8 +164,9 @@ def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) 
             stages.append(rundir.stage_summary(run_dir, stage.name))
             continue
         stages.append(run_stage(run_dir, run, index, info, console))
-    summary = {"run": run.name, "run_dir": str(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
+    summary = {"run": run.name, "run_dir": storage.where(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    storage.push(run_dir, SUMMARY_FILE)
     (run_dir / DRIVER_FILE).unlink(missing_ok=True)
     print_summary(summary, console)
     return summary

@@ -9,6 +9,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raylm import storage
 from raylm.configs.schema import RunConfig
 from raylm.launcher.ray_entry import train_loop_per_worker
 
@@ -29,9 +30,11 @@ class _RaylmTorchConfig(TorchConfig):
         return _WorkersOnly
 
 
-def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: RunConfig, use_gpu: bool) -> TorchTrainer:
-    """``stage_cfg`` is the stage-resolved config; ``run_dir`` must be visible to every node."""
+def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: RunConfig, use_gpu: bool, relay) -> TorchTrainer:
+    """``stage_cfg`` is the stage-resolved config; ``run_dir`` is visible to every node, or the driver's
+    view of a run in object storage (then Ray Train writes checkpoints to the store and workers fetch from it)."""
     stage = run.stages[stage_index]
+    store = storage.store_of(run_dir)
     c = stage_cfg.cluster
     # Ray Train hands this to the run's controller; after a node is lost its
     # first restart may still count the node's resources and wait this long.
@@ -39,8 +42,8 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": str(run_dir), "stage_index": stage_index, "stage_name": stage.name,
-                           "backend": "nccl" if use_gpu else "gloo"},
+        train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_index": stage_index,
+                           "stage_name": stage.name, "backend": "nccl" if use_gpu else "gloo", "relay": relay},
         torch_config=_RaylmTorchConfig(),
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
@@ -52,7 +55,8 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
         ),
         run_config=RayRunConfig(
             name=stage.name,
-            storage_path=str(run_dir),
+            storage_path=store.root if store else str(run_dir),
+            storage_filesystem=store.fs if store else None,
             failure_config=FailureConfig(max_failures=stage_cfg.fault.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=stage_cfg.train.keep_last),
         ),

@@ -12,13 +12,14 @@ whose files disagree with it, is incomplete and never loaded. DeepSpeed's own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from raylm.files import sha256_of
 
 MANIFEST = "manifest.json"
 DEEPSPEED_TAG = "deepspeed"
@@ -50,13 +51,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def describe_files(root: Path) -> Dict[str, Tuple[int, str]]:
     """relative path -> (size, sha256) of every file below ``root``."""
@@ -80,23 +74,42 @@ def write_manifest(root: Path, state: TrainerState, files: Dict[str, Tuple[int, 
 def verify(root: Path, check_hashes: bool = True) -> Optional[str]:
     """None when ``root`` is a complete checkpoint, else why it is not."""
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
+    try:
+        manifest_text = manifest_path.read_text() if manifest_path.is_file() else None
+    except (OSError, UnicodeDecodeError) as err:
+        return f"unreadable manifest ({err})"
+    return verify_listing(
+        manifest_text,
+        lambda rel: (root / rel).stat().st_size if (root / rel).is_file() else None,
+        (lambda rel: sha256_of(root / rel)) if check_hashes else None,
+    )
+
+
+def verify_listing(manifest_text: Optional[str], size_of: Callable[[str], Optional[int]],
+                   hash_of: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """``verify`` over any storage: ``size_of`` a relative path (None when missing), ``hash_of`` (None skips hashes)."""
+    if manifest_text is None:
         return "no manifest (the save did not finish)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        TrainerState(**manifest["state"])
-        files = {rel: (int(entry["size"]), entry["sha256"]) for rel, entry in manifest["files"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # anything but the manifest raylm writes
+        files = manifest_files(manifest_text)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # anything but the manifest raylm writes
         return f"unreadable manifest ({err})"
     for rel, (size, sha256) in files.items():
-        path = root / rel
-        if not path.is_file():
+        found = size_of(rel)
+        if found is None:
             return f"missing shard {rel}"
-        if path.stat().st_size != size:
-            return f"shard {rel} has {path.stat().st_size} bytes, manifest says {size}"
-        if check_hashes and sha256_of(path) != sha256:
+        if found != size:
+            return f"shard {rel} has {found} bytes, manifest says {size}"
+        if hash_of is not None and hash_of(rel) != sha256:
             return f"shard {rel} fails its sha256 check"
     return None
+
+
+def manifest_files(manifest_text: str) -> Dict[str, Tuple[int, str]]:
+    """relative path -> (size, sha256) of a manifest's files (its state checked too)."""
+    manifest = json.loads(manifest_text)
+    TrainerState(**manifest["state"])
+    return {rel: (int(entry["size"]), entry["sha256"]) for rel, entry in manifest["files"].items()}
 
 
 def read_state(root: Path) -> TrainerState:
@@ -111,9 +124,11 @@ def step_dirs(stage_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def registered_by_ray(stage_dir: Path) -> Optional[List[str]]:
-    """Checkpoint directory names Ray Train's snapshot of the stage lists (None without a readable snapshot)."""
+def registered_by_ray(stage_dir: Path, store=None) -> Optional[List[str]]:
+    """Checkpoint directory names Ray Train's snapshot of the stage lists (None without a readable snapshot);
+    read from ``store`` (a ``raylm.storage.Store`` of the run) when the run lives there."""
     try:
-        return [entry["checkpoint_dir_name"] for entry in json.loads((stage_dir / RAY_SNAPSHOT).read_text())["checkpoint_results"]]
+        text = store.read_bytes(f"{stage_dir.name}/{RAY_SNAPSHOT}") if store is not None else (stage_dir / RAY_SNAPSHOT).read_text()
+        return [entry["checkpoint_dir_name"] for entry in json.loads(text)["checkpoint_results"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None

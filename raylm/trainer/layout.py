@@ -7,3 +7,8 @@ DRIVER_FILE = "driver.json"
 FINAL_DIR = "final"
 STAGE_SUMMARY = "summary.json"
 LOGS_DIR = "logs"
+WANDB_DIR = "wandb"
+
+
+def rank_log_name(rank: int) -> str:
+    return f"rank_{rank:03d}.log"

@@ -34,6 +34,19 @@ def read_records(path: Path) -> List[Dict[str, Any]]:
     return [record for line in text.splitlines() if (record := parse_record(line)) is not None]
 
 
+def restart_event(earlier: List[Dict[str, Any]], stage: str, resumed_step: int, world_size: int) -> Optional[Dict[str, Any]]:
+    """The record of a restart of ``stage`` at ``resumed_step``: None unless ``earlier`` records show it started before.
+
+    ``last_logged_step`` is the furthest step the failed attempts logged, ``steps_lost`` how many of them are redone.
+    """
+    mine = [r for r in earlier if r.get("stage") == stage]
+    if not any(r.get("kind") == "start" for r in mine):
+        return None
+    reached = max((r["step"] for r in mine if r.get("kind") == "train"), default=resumed_step)
+    return {"stage": stage, "step": resumed_step, "kind": "event", "event": "restart", "last_logged_step": reached,
+            "steps_lost": max(0, reached - resumed_step), "world_size": world_size}
+
+
 class MetricsFile:
     def __init__(self, path: Path):
         self.path = path
@@ -86,6 +99,13 @@ class WandbRun:
     def log(self, step: int, values: Dict[str, Any]) -> None:
         if self.run is not None:
             self.run.log({"trainer/step": step, **values})
+
+    def log_record(self, record: Dict[str, Any]) -> None:
+        """A metrics record's numbers, under its kind (``train/loss``, ``eval/eval_loss``, ``event/...``)."""
+        prefix = record.get("kind", "train")
+        skip = ("step", "kind", "time")
+        self.log(record["step"], {f"{prefix}/{k}": v for k, v in record.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip})
 
     def summary(self, values: Dict[str, Any]) -> None:
         if self.run is not None:

@@ -11,19 +11,34 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional, Protocol
+from typing import Callable, List, Optional, Protocol
 
 import torch.distributed as dist
 
-from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs
+from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
 
 
 class Session(Protocol):
     shared_staging: bool
     """True when every rank writes into one staging directory."""
 
+    owns_metrics: bool
+    """True when rank 0 itself writes metrics.jsonl and the W&B run; else ``record`` hands every record to the launcher."""
+
+    def record(self, record: dict) -> None:
+        """Rank 0's metrics record, for a launcher that logs them (``owns_metrics`` False)."""
+
     def resume_candidates(self) -> List[Path]:
-        """Checkpoint directories to try, newest first."""
+        """Checkpoint directories to try, newest first (on a run's store: where they will be fetched to)."""
+
+    def verify(self, checkpoint: Path) -> Optional[str]:
+        """None when ``checkpoint`` is complete, else why not (``checkpoint.verify``'s answer)."""
+
+    def fetch(self, checkpoint: Path, wanted: Callable[[str], bool]) -> None:
+        """Make the files of ``checkpoint`` that ``wanted`` picks (relative paths) readable on this rank."""
+
+    def publish(self, run_dir: Path, rel: str) -> None:
+        """Make ``run_dir/rel``, written by this rank, part of the run wherever it is stored."""
 
     def staging_dir(self, step: int) -> Path:
         """An empty directory this rank writes its part of checkpoint ``step`` into."""
@@ -42,13 +57,26 @@ class LocalSession:
     """Checkpoints straight into ``<stage_dir>/step_N`` on a shared filesystem."""
 
     shared_staging = True
+    owns_metrics = True
 
     def __init__(self, stage_dir: Path, keep_last: int):
         self.stage_dir = stage_dir
         self.keep_last = keep_last
 
+    def record(self, record: dict) -> None:
+        pass
+
     def resume_candidates(self) -> List[Path]:
         return step_dirs(self.stage_dir)
+
+    def verify(self, checkpoint: Path) -> Optional[str]:
+        return verify(checkpoint)
+
+    def fetch(self, checkpoint: Path, wanted: Callable[[str], bool]) -> None:
+        pass
+
+    def publish(self, run_dir: Path, rel: str) -> None:
+        pass
 
     def staging_dir(self, step: int) -> Path:
         staging = self.stage_dir / f".staging-{step_dir_name(step)}"

@@ -3,7 +3,9 @@
 The driver prepares them before any worker starts (so data errors surface as
 one-line messages, not worker tracebacks); under torchrun rank 0 prepares and
 the others wait. Files live in ``runs/<name>/data/<stage>/`` and the tokenizer
-in ``runs/<name>/tokenizer/``, shared by all stages.
+in ``runs/<name>/tokenizer/``, shared by all stages. A run in object storage has
+them uploaded by the driver and fetched into each machine's view of the run;
+ranks there only open them (the sources may live on the driver's disk alone).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from typing import Callable
 
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
-from raylm.data import prepare_dataset
+from raylm.data import open_dataset, prepare_dataset
 from raylm.data.sampler import SampleOrder
 from raylm.data.tokenizer import Tokenizer
+from raylm.storage import store_of
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
+DATA_DIR = "data"
 
 
 @dataclass
@@ -44,14 +48,25 @@ def prepare_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> Stage
     cfg = resolve_stage(run, stage_index)
     stage = run.stages[stage_index]
     tokenizer = _existing_tokenizer(run_dir, run, stage_index)
-    train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / "data" / stage.name, cfg.train.seed, tokenizer=tokenizer)
+    train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / DATA_DIR / stage.name, cfg.train.seed, tokenizer=tokenizer)
     if not (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
         tokenizer.save(run_dir / TOKENIZER_DIR)
     return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed))
 
 
+def open_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> StageData:
+    """The tokenizer and datasets the driver prepared, opened without their sources."""
+    cfg = resolve_stage(run, stage_index)
+    stage = run.stages[stage_index]
+    tokenizer = Tokenizer.load(run_dir / TOKENIZER_DIR, fix="the run's storage lost it; start a new run")
+    train, val = open_dataset(stage.kind, cfg.model, run_dir / DATA_DIR / stage.name)
+    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed))
+
+
 def load_stage_data(run_dir: Path, run: RunConfig, stage_index: int, leader: bool, barrier: Callable[[], None]) -> StageData:
-    """Every rank's view; the leader builds whatever is missing first."""
+    """Every rank's view; the leader builds whatever is missing first (on a shared disk)."""
+    if store_of(run_dir) is not None:
+        return open_stage_data(run_dir, run, stage_index)
     if leader:
         data = prepare_stage_data(run_dir, run, stage_index)
     barrier()

@@ -22,15 +22,17 @@ import torch.distributed as dist
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
-from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, verify, write_manifest
+from raylm.storage import where
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, write_manifest
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state, use_bf16
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
-from raylm.trainer.metrics import MetricsFile, WandbRun, read_records
+from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
 from raylm.trainer.stage_data import load_stage_data
+from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
@@ -96,10 +98,12 @@ class StageTrainer:
         self.bf16 = use_bf16(self.cfg.train.precision, self.ctx.device)
         allow_tf32(self.ctx.device)
 
-        self.metrics = MetricsFile(run_dir / METRICS_FILE) if self.is_logger else None
+        # Rank 0 writes metrics.jsonl and the W&B run itself only where its launcher does not (torchrun).
+        owns = self.is_logger and self.session.owns_metrics
+        self.metrics = MetricsFile(run_dir / METRICS_FILE) if owns else None
         self.wandb = (
             WandbRun(self.cfg.logging.wandb, run_dir, self.run.name or run_dir.name, self.stage.name, dump_nested(self.cfg))
-            if self.is_logger
+            if owns
             else None
         )
 
@@ -108,8 +112,12 @@ class StageTrainer:
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
                                   self.cfg.parallel.zero_stage, self.bf16)
         self.resume_from = self._choose_checkpoint()
+        if self.resume_from is not None:
+            self.session.fetch(self.resume_from, lambda rel: False)  # the manifest
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
+        if self.reshard:
+            self.session.fetch(self.resume_from, lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/"))
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta"):  # shapes only: each rank makes just the weights it holds
             layout = Llama(self.cfg.model, self.cfg.train.seed)
@@ -157,12 +165,15 @@ class StageTrainer:
 
     # ----------------------------------------------------------------- logging
     def log(self, record: Dict) -> None:
+        if not self.is_logger:
+            return
+        record = {"time": round(time.time(), 3), "stage": self.stage.name, **record}
         if self.metrics is not None:
-            self.metrics.write({"stage": self.stage.name, **record})
+            self.metrics.write(record)
         if self.wandb is not None:
-            prefix = record.get("kind", "train")
-            values = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
-            self.wandb.log(record["step"], values)
+            self.wandb.log_record(record)
+        if not self.session.owns_metrics:
+            self.session.record(record)
 
     # ------------------------------------------------------------------ resume
     def _choose_checkpoint(self) -> Optional[Path]:
@@ -170,7 +181,7 @@ class StageTrainer:
         chosen: list = [None]
         if self.ctx.rank == 0:
             for candidate in self.session.resume_candidates():
-                reason = verify(candidate)
+                reason = self.session.verify(candidate)
                 if reason is None:
                     chosen[0] = str(candidate)
                     break
@@ -210,6 +221,7 @@ class StageTrainer:
             if self.is_logger:
                 print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
         else:
+            self.session.fetch(path, read_by_rank(self.engine, self.ctx.rank))
             load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
@@ -218,19 +230,15 @@ class StageTrainer:
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
 
     def _log_restart(self, resumed_step: int) -> None:
-        """After a failure: which step the stage restarts from and how many steps were lost."""
+        """After a failure: which step the stage restarts from and how many steps were lost (a launcher that
+        logs the records itself, as under Ray, tells this from the start record)."""
         if self.metrics is None or not self.metrics.path.exists():
             return
-        earlier = [r for r in read_records(self.metrics.path) if r.get("stage") == self.stage.name]
-        if not any(r.get("kind") == "start" for r in earlier):
-            return
-        reached = max((r["step"] for r in earlier if r.get("kind") == "train"), default=resumed_step)
-        lost = max(0, reached - resumed_step)
-        workers = self.ctx.world_size
-        self.log({"step": resumed_step, "kind": "event", "event": "restart", "last_logged_step": reached, "steps_lost": lost,
-                  "world_size": workers})
-        print(f"[raylm] restart of stage {self.stage.name}: resuming at step {resumed_step} on {workers} worker(s), "
-              f"{lost} logged step(s) to redo", flush=True)
+        event = restart_event(read_records(self.metrics.path), self.stage.name, resumed_step, self.ctx.world_size)
+        if event is not None:
+            self.log(event)
+            print(f"[raylm] restart of stage {self.stage.name}: resuming at step {resumed_step} on {self.ctx.world_size} "
+                  f"worker(s), {event['steps_lost']} logged step(s) to redo", flush=True)
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
@@ -378,6 +386,7 @@ class StageTrainer:
             final_dir = self.stage_dir / FINAL_DIR
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
+            self.session.publish(self.run_dir, f"{self.stage.name}/{FINAL_DIR}")
             sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
                                  self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
             summary = {
@@ -385,10 +394,11 @@ class StageTrainer:
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
                 "perplexity": math.exp(min(last["eval_loss"], 50.0)) if math.isfinite(last["eval_loss"]) else None,
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
-                **peak.summary(), "sample": sample, "final_dir": str(final_dir),
+                **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
+            self.session.publish(self.run_dir, f"{self.stage.name}/{STAGE_SUMMARY}")  # last: it marks the stage finished
             self.log({"step": self.state.step, "kind": "end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
             if self.wandb is not None:
                 self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

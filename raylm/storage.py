@@ -1,0 +1,306 @@
+"""Runs on object storage (``s3://``, ``gs://``) through pyarrow's filesystems, the layer Ray Train uses.
+
+Every machine works on a run through a local *view*: a directory under the
+node-local cache holding the parts of the run it reads or writes, and a marker
+file naming the run's URI. Code that holds a run directory finds its store
+through the marker (``store_of``); a run on a local or shared disk has no
+marker, and every ``push``/``pull`` on it does nothing.
+
+Trees that many ranks read (tokenizer, datasets, a stage's final weights) are
+pushed with a contents file (each file's size and sha256) and fetched once per
+machine into a cache of blobs keyed by their sha256, then hard-linked into the
+view: not once per rank, not again after a restart or for the next stage.
+
+Credentials come from each machine's environment or instance identity (pyarrow
+reads ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, instance roles, GCP's
+default credentials); a URI that carries them is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Tuple
+from urllib.parse import parse_qs
+
+from raylm.errors import UserError, first_line
+from raylm.files import sha256_of
+
+SCHEMES = ("s3", "gs", "gcs")
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
+MARKER = ".raylm-storage"
+CONTENTS = ".contents.json"
+"""Beside a pushed tree: relative path -> [size, sha256] of each file, written after them."""
+
+
+def is_uri(text: str) -> bool:
+    return "://" in str(text)
+
+
+def cache_root() -> Path:
+    """This machine's cache of run views and blobs (``RAYLM_CACHE``, else ``~/.cache/raylm``)."""
+    return Path(os.environ.get("RAYLM_CACHE") or Path.home() / ".cache" / "raylm")
+
+
+class Store:
+    """A directory on object storage: ``uri`` keeps its query (``?endpoint_override=...``), ``root`` is its path in ``fs``."""
+
+    def __init__(self, uri: str):
+        import pyarrow.fs
+
+        base, _, query = uri.partition("?")
+        self.base = base.rstrip("/")
+        self.query = query
+        self.uri = self.base + (f"?{query}" if query else "")
+        self.fs, self.root = pyarrow.fs.FileSystem.from_uri(self.uri)
+        self.root = self.root.rstrip("/")
+
+    def __reduce__(self):
+        return Store, (self.uri,)
+
+    def child(self, rel: str) -> "Store":
+        return Store(f"{self.base}/{rel.strip('/')}" + (f"?{self.query}" if self.query else ""))
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.root}/{rel.strip('/')}" if rel.strip("/") else self.root
+
+    def display(self, rel: str = "") -> str:
+        """The URI without its query, as users name the run."""
+        return f"{self.base}/{rel.strip('/')}" if rel.strip("/") else self.base
+
+    def is_file(self, rel: str) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path(rel)).type == pyarrow.fs.FileType.File
+
+    def is_dir(self, rel: str = "") -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path(rel)).type == pyarrow.fs.FileType.Directory
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as stream:
+            return stream.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.fs.open_output_stream(self.path(rel)) as stream:
+            stream.write(data)
+
+    def files(self, rel: str = "") -> Dict[str, int]:
+        """Relative path (below ``rel``) -> size of every file below ``rel``."""
+        import pyarrow.fs
+
+        top = self.path(rel)
+        selector = pyarrow.fs.FileSelector(top, recursive=True, allow_not_found=True)
+        return {info.path[len(top) + 1 :]: info.size for info in self.fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.File}
+
+    def subdirs(self, rel: str = "") -> list:
+        import pyarrow.fs
+
+        selector = pyarrow.fs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.Directory]
+
+    def upload(self, local: Path, rel: str) -> None:
+        """A local file or directory to ``rel`` (threads upload a directory's files in parallel)."""
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(str(local), self.path(rel), source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=self.fs, use_threads=True)
+
+    def download(self, rel: str, local: Path) -> int:
+        """One file to ``local`` (via a temporary name, so a reader never sees half of it); its size."""
+        import pyarrow.fs
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+        pyarrow.fs.copy_files(self.path(rel), str(partial), source_filesystem=self.fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        os.replace(partial, local)
+        return local.stat().st_size
+
+    def delete_dir(self, rel: str) -> None:
+        self.fs.delete_dir(self.path(rel))
+
+
+def check_uri(uri: str, key: str = "runs_dir") -> None:
+    """The scheme and the query of a store URI, without touching the network."""
+    scheme = uri.partition("://")[0].lower()
+    if scheme not in SCHEMES:
+        raise UserError(f"{key}={uri}: raylm stores runs on a local or shared path, s3:// or gs://, not {scheme}://; "
+                        f"use one of those")
+    given = parse_qs(uri.partition("?")[2])
+    if any(k in given for k in CREDENTIAL_KEYS):
+        raise UserError(f"{key}={uri.partition('?')[0]}?...: credentials do not belong in a URI (it is saved in configs and logs); "
+                        "remove them and export AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or use the machine's identity)")
+
+
+def open_store(uri: str, key: str = "runs_dir") -> Store:
+    """The store ``uri`` names (pyarrow may ask the network for the bucket's region): one line naming ``key`` and the fix otherwise."""
+    check_uri(uri, key)
+    try:
+        return Store(uri)
+    except Exception as err:  # pyarrow's ArrowInvalid for an unknown query parameter or a malformed URI
+        raise UserError(f"{key}={uri}: {first_line(err)}; fix the URI (S3-compatible stores: s3://bucket/prefix?endpoint_override=http://host:port)") from None
+
+
+def check_writable(store: Store, key: str = "runs_dir") -> None:
+    """Write and delete a probe object: an unreachable endpoint, a missing bucket or refused credentials stop here."""
+    probe = f".raylm-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        store.write_bytes(probe, b"")
+        store.fs.delete_file(store.path(probe))
+    except Exception as err:  # OSError from pyarrow with the store's own message
+        raise UserError(f"{key}={store.display()}: cannot write there ({_store_problem(err)})") from None
+
+
+def _store_problem(err: Exception) -> str:
+    text = str(err)
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "not found" in lowered and "bucket" in lowered:
+        return "the bucket does not exist; create it first"
+    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "credentials", "forbidden")):
+        return "the store refused this machine's credentials; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or grant the machine's role access)"
+    if any(s in lowered for s in ("connect", "resolve", "timeout", "timed out", "unreachable", "refused")):
+        return "the endpoint cannot be reached; check the host, the port and ?endpoint_override"
+    return first_line(err)
+
+
+# ---------------------------------------------------------------- run views
+def view_of(store: Store) -> Path:
+    """This machine's local view of the run at ``store``, with its marker."""
+    view = cache_root() / "runs" / hashlib.sha256(store.uri.encode()).hexdigest()[:16] / Path(store.root).name
+    view.mkdir(parents=True, exist_ok=True)
+    marker = view / MARKER
+    if not marker.is_file():
+        marker.write_text(store.uri)
+    return view
+
+
+def store_of(run_dir: Path) -> Optional[Store]:
+    """The store a run view mirrors; None for a run on a local or shared disk."""
+    marker = Path(run_dir) / MARKER
+    return Store(marker.read_text().strip()) if marker.is_file() else None
+
+
+def where(run_dir: Path) -> str:
+    """How to name the run to the user: its URI, or its directory."""
+    store = store_of(run_dir)
+    return store.display() if store else str(run_dir)
+
+
+def push(run_dir: Path, rel: str) -> None:
+    """Upload ``run_dir/rel`` (a file, or a directory without its symbolic links) to the run's store, if it has one."""
+    store = store_of(run_dir)
+    local = run_dir / rel
+    if store is None or not local.exists():
+        return
+    if local.is_dir():
+        for child in local.iterdir():
+            if not child.is_symlink():
+                push(run_dir, f"{rel}/{child.name}")
+    else:
+        store.upload(local, rel)
+
+
+def pull(run_dir: Path, rel: str) -> bool:
+    """Download ``rel`` (a file or every file below a directory) from the run's store; whether it exists there."""
+    store = store_of(run_dir)
+    if store is None:
+        return (run_dir / rel).exists()
+    if store.is_file(rel):
+        store.download(rel, run_dir / rel)
+        return True
+    found = store.files(rel)
+    for name in found:
+        store.download(f"{rel}/{name}", run_dir / rel / name)
+    return bool(found)
+
+
+def exists(run_dir: Path, rel: str) -> bool:
+    """Whether ``rel`` is a file of the run, in its store when it has one."""
+    store = store_of(run_dir)
+    return store.is_file(rel) if store is not None else (run_dir / rel).is_file()
+
+
+
+def push_tree(run_dir: Path, rel: str) -> None:
+    """Upload a directory many machines will read, its contents file last (a reader never sees a partial tree)."""
+    store = store_of(run_dir)
+    if store is None:
+        return
+    local = run_dir / rel
+    contents = {p.relative_to(local).as_posix(): [p.stat().st_size, sha256_of(p)]
+                for p in sorted(local.rglob("*")) if p.is_file() and p.name != CONTENTS}
+    known = _remote_contents(store, rel)
+    if known != contents:
+        store.upload(local, rel)
+        store.write_bytes(f"{rel}/{CONTENTS}", json.dumps(contents, sort_keys=True).encode())
+
+
+def _remote_contents(store: Store, rel: str) -> Optional[Dict[str, list]]:
+    try:
+        return json.loads(store.read_bytes(f"{rel}/{CONTENTS}"))
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _machine_lock(name: str) -> Iterator[None]:
+    """One process per machine at a time (ranks of one node share one fetch)."""
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fetch_tree(run_dir: Path, rel: str) -> int:
+    """Make ``run_dir/rel`` hold the tree ``push_tree`` uploaded; bytes downloaded by this call (0 when this
+    machine already holds every file, from any run). A no-op for a run on a shared disk."""
+    store = store_of(run_dir)
+    if store is None:
+        return 0
+    contents = _remote_contents(store, rel)
+    if contents is None:
+        raise UserError(f"{store.display(rel)} is missing or incomplete (no {CONTENTS}); the run's storage lost it, "
+                        "start the stage again with 'raylm resume'")
+    fetched = 0
+    blobs = cache_root() / "blobs"
+    with _machine_lock(store.uri + "/" + rel):
+        for name, (size, sha256) in contents.items():
+            blob = blobs / sha256[:2] / sha256
+            target = run_dir / rel / name
+            if not blob.is_file() or blob.stat().st_size != size:
+                if target.is_file() and target.stat().st_size == size and sha256_of(target) == sha256:
+                    blob.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(target, blob)  # the driver's own machine: it wrote the file itself
+                else:
+                    fetched += store.download(f"{rel}/{name}", blob)
+            if target.exists() and os.path.samefile(target, blob):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            os.link(blob, target)
+    return fetched
+
+
+def fetch_files(store: Store, rel: str, local: Path, wanted: Callable[[str], bool], sizes: Dict[str, int]) -> Tuple[int, int]:
+    """The files below ``rel`` that ``wanted`` picks, into ``local`` (kept when already there with the size
+    ``sizes`` gives); (files, bytes) downloaded."""
+    count = fetched = 0
+    with _machine_lock(store.uri + "/" + rel):
+        for name, size in sizes.items():
+            target = local / name
+            if not wanted(name) or (target.is_file() and target.stat().st_size == size):
+                continue
+            fetched += store.download(f"{rel}/{name}", target)
+            count += 1
+    return count, fetched

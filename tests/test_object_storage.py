@@ -1,0 +1,165 @@
+"""Runs in object storage with no shared disk: a real S3 server (moto) on 127.0.0.1, a worker node whose view
+of the driver's scratch directory is an empty tmpfs (its own mount namespace), the CLI in subprocesses.
+
+One run goes pretrain -> sft in the bucket; a second, pretrain only, has a worker SIGKILLed mid-stage, resumes
+from the bucket's checkpoint and must end with weights bitwise equal to the first run's pretrain stage. Then
+``status``, ``generate`` and ``export`` work on the run from a fresh directory with an empty cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import TINY_PRETRAIN, one_line_error
+from faults import wait_for
+from object_store import TwoNodeCluster, new_bucket, s3_server
+
+pytestmark = pytest.mark.slow
+
+S3_RUN = [o for o in TINY_PRETRAIN if not o.startswith("stages=")] + [
+    "train.max_steps=8", "train.ckpt_every=4", "cluster.num_workers=2", "fault.max_failures=1", "logging.wandb.mode=offline",
+]
+TWO_STAGES = "stages=[{name: pretrain, kind: pretrain}, {name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}, train: {max_steps: 4}}]"
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with s3_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("driver-disk")
+
+
+@pytest.fixture(scope="module")
+def env(scratch) -> dict:
+    """What the driver and both nodes run with: the S3 credentials, and a node-local cache under the hidden scratch."""
+    return {**os.environ, "RAYLM_CACHE": str(scratch / "cache"), "WANDB_MODE": "offline"}
+
+
+@pytest.fixture(scope="module")
+def cluster(endpoint, scratch, env, tmp_path_factory):
+    nodes = TwoNodeCluster(scratch, env, tmp_path_factory.mktemp("worker-node") / "ray-start.log")
+    yield nodes
+    nodes.close()
+
+
+def _launch(args: List[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _records(view: Path) -> List[dict]:
+    path = view / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _view(runs_uri: str, name: str, env: dict) -> Path:
+    from raylm.storage import Store, view_of
+
+    saved = os.environ.get("RAYLM_CACHE")
+    os.environ["RAYLM_CACHE"] = env["RAYLM_CACHE"]
+    try:
+        return view_of(Store(runs_uri).child(name))
+    finally:
+        os.environ.pop("RAYLM_CACHE") if saved is None else os.environ.update(RAYLM_CACHE=saved)
+
+
+@pytest.mark.timeout(900)
+def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpoint, scratch, env, tmp_path):
+    from safetensors.torch import load_file
+
+    from raylm.storage import Store
+
+    runs = new_bucket(endpoint)
+    common = ["launch", "--address", cluster.address, *S3_RUN, f"runs_dir={runs}"]
+
+    # An uninterrupted pretrain -> sft run.
+    whole = _launch([*common, "--name", "whole", TWO_STAGES], env, scratch, tmp_path / "whole.log")
+    assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+    store = Store(runs)
+    files = store.files("whole")
+    for needed in ("config.yaml", "metrics.jsonl", "summary.json", "tokenizer/tokenizer.json", "pretrain/final/model.safetensors",
+                   "pretrain/summary.json", "sft/final/model.safetensors", "sft/summary.json", "pretrain/logs/rank_000.log",
+                   "pretrain/logs/rank_001.log", "pretrain/step_0000008/manifest.json"):
+        assert needed in files, needed
+    assert any(name.startswith("wandb/offline-run-") and name.endswith(".wandb") for name in files)
+    fetched = [r for r in _records(_view(runs, "whole", env)) if r.get("event") == "fetched"]
+    by_stage = {stage: sorted(r["bytes"] for r in fetched if r["stage"] == stage) for stage in ("pretrain", "sft")}
+    # Both ranks share one node: one of them downloads the stage's inputs, the other finds them there.
+    assert by_stage["pretrain"][0] == 0 and by_stage["pretrain"][1] > 0, by_stage
+    # The second stage downloads its own data and the weights it starts from, not the shared tokenizer again.
+    sft_inputs = sum(size for name, size in files.items() if name.startswith(("data/sft/", "pretrain/final/")) and not name.endswith(".contents.json"))
+    assert by_stage["sft"] == [0, sft_inputs], (by_stage, sft_inputs)
+
+    # The same pretraining, a worker SIGKILLed after step 5: the stage resumes from the bucket's step 4.
+    view = _view(runs, "killed", env)
+    killed = _launch([*common, "--name", "killed"], env, scratch, tmp_path / "killed.log")
+    wait_for(lambda: any(r.get("kind") == "train" and r["step"] >= 5 for r in _records(view)) or killed.poll() is not None, "step 5")
+    victims = cluster.training_workers()
+    assert len(victims) == 2, victims
+    victims[1].send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+    records = _records(view)
+    (restart,) = [r for r in records if r.get("event") == "restart"]
+    assert restart["step"] == 4
+    restored = [r for r in records if r.get("event") == "fetched_checkpoint"]
+    # Each rank downloads only its own files: its ZeRO shard and RNG state; the shared model states once per node.
+    assert sorted(r["files"] for r in restored) == [2, 3], restored
+    checkpoint_bytes = sum(size for name, size in store.files("killed/pretrain/step_0000004").items())
+    assert sum(r["bytes"] for r in restored) < checkpoint_bytes / 2
+    assert all(r["bytes"] == 0 for r in records if r.get("event") == "fetched" and r["time"] > restart["time"])
+
+    local = tmp_path / "fresh"
+    local.mkdir()
+    fresh_env = {**env, "RAYLM_CACHE": str(tmp_path / "empty-cache")}
+    for name in ("whole/pretrain/final/model.safetensors", "killed/pretrain/final/model.safetensors"):
+        store.download(name, local / name)
+    expected, got = (load_file(str(local / name)) for name in ("whole/pretrain/final/model.safetensors", "killed/pretrain/final/model.safetensors"))
+    assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+    # The run is served from the bucket alone, on a machine that has never seen it.
+    run_uri = f"{runs.partition('?')[0]}/whole?{runs.partition('?')[2]}"
+    cli = lambda *args: subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=local, env=fresh_env,
+                                       capture_output=True, text=True, timeout=300)
+    status = cli("status", run_uri)
+    assert status.returncode == 0 and "finished" in status.stdout and "sft" in status.stdout, status.stdout + status.stderr
+    generated = cli("generate", run_uri, "--prompt", "The", "--max-new-tokens", "4")
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
+    exported = cli("export", run_uri, "--format", "hf", "--out", str(local / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    assert (local / "hf" / "model.safetensors").is_file() and (local / "hf" / "tokenizer_config.json").is_file()
+
+
+def test_a_store_that_cannot_hold_the_run_is_refused_before_anything_starts(endpoint, capsys, tmp_path, monkeypatch):
+    from raylm.storage import Store
+
+    monkeypatch.chdir(tmp_path)
+    runs = new_bucket(endpoint)
+    base = ["launch", *TINY_PRETRAIN, "--name", "refused"]
+    missing = one_line_error(capsys, *base, f"runs_dir=s3://no-such-bucket/runs?endpoint_override={endpoint}")
+    assert "runs_dir=s3://no-such-bucket/runs: cannot write there (the bucket does not exist; create it first)" in missing
+    unreachable = one_line_error(capsys, *base, "runs_dir=s3://bucket/runs?endpoint_override=http://127.0.0.1:9")
+    assert "runs_dir=s3://bucket/runs: cannot write there (the endpoint cannot be reached" in unreachable
+    assert "runs_dir=ftp://host/runs: raylm stores runs on a local or shared path, s3:// or gs://" in one_line_error(
+        capsys, *base, "runs_dir=ftp://host/runs")
+    assert "credentials do not belong in a URI" in one_line_error(capsys, *base, f"runs_dir={runs}&access_key=y&secret_key=x")
+    unknown = one_line_error(capsys, *base, f"runs_dir={runs}&timeout=5")
+    assert "Unexpected query parameter in S3 URI: 'timeout'" in unknown
+    # A run already in the bucket is never overwritten.
+    store = Store(runs)
+    store.write_bytes("refused/config.yaml", b"name: refused\n")
+    taken = one_line_error(capsys, *base, f"runs_dir={runs}")
+    assert f"run 'refused' already exists in {store.display()}; continue it with 'raylm resume {store.display('refused')}'" in taken
+    assert store.files() == {"refused/config.yaml": 14} and not any(tmp_path.iterdir())
+    assert "no run at" in one_line_error(capsys, "status", store.display("nothing") + "?" + runs.partition("?")[2])
