@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import dense_model
 from numerics import longest_reduction, model_depth, worst_case
 
 from raylm.configs.loader import load_config, resolve_stage
@@ -39,7 +40,7 @@ from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
 from raylm.trainer.layout import FINAL_DIR, STAGE_SUMMARY
 from raylm.trainer.stage_data import TOKENIZER_DIR
-from raylm.trainer.worker import build_dense_model, check_init_weights, initial_weights
+from raylm.trainer.worker import check_init_weights, initial_weights
 from raylm.models.hf import hf_config, save_hf, to_hf_state_dict
 from raylm.models.llama import Llama
 from raylm.models.weights import load_any, save_consolidated
@@ -141,7 +142,7 @@ def test_stage_hand_off_and_init_from_never_unpickle(finished, tmp_path, unpickl
         run.stages[1].init_from = init_from
         assert initial_weights(finished, run, 1) == weights_dir
         check_init_weights(sft, weights_dir)  # the driver, before any worker starts
-        loaded = build_dense_model(sft, weights_dir).state_dict()  # each worker
+        loaded = dense_model(sft, weights_dir).state_dict()  # each worker
         for name, tensor in expected.items():
             assert torch.equal(loaded[name], tensor), (weights_dir, name)
     assert unpickled == []
@@ -181,7 +182,7 @@ def test_a_pickled_hugging_face_checkpoint_is_refused_not_loaded(finished, tmp_p
     with pytest.raises(UserError, match=r"only safetensors weights are imported"):
         load_any(hf_dir)
     with pytest.raises(UserError, match=r"pytorch_model.bin|\.bin"):
-        build_dense_model(sft, hf_dir)
+        dense_model(sft, hf_dir)
     assert unpickled == [] and not sprung.exists()
     # The trap is armed: loading the file the way pickle-based tools do springs it.
     torch.load(hf_dir / "pytorch_model.bin", weights_only=False)
@@ -201,6 +202,10 @@ ROWS = {
     "optimizer state": "optimizer_gib",
     "activations per step (no checkpointing)": "activations_gib",
     "activations per step (checkpointing)": "activations_checkpointed_gib",
+    "final norm, logits and loss buffers (last stage)": "loss_gib",
+    "backward: the largest weight's gradient before accumulation": "backward_gib",
+    "DeepSpeed communication buckets": "buckets_gib",
+    "start-up: fp32 weights before deepspeed.initialize": "startup_gib",
 }
 VERDICT = re.compile(r"(fits|does NOT fit) in ([\d,.]+) GiB per GPU \(([\d,.]+) GiB needed\)")
 

@@ -36,7 +36,7 @@ from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
-from raylm.models.weights import check_weights, load_any, save_consolidated, weight_locations
+from raylm.models.weights import check_weights, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
@@ -73,14 +73,13 @@ def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
         raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")
 
 
-def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
-    """The whole model in one process, fresh or from ``init_path``: what every layout's ranks hold parts of."""
-    torch.manual_seed(cfg.train.seed)
-    model = Llama(cfg.model, cfg.train.seed)
-    if init_path is not None:
-        check_init_weights(cfg, init_path)
-        model.load_state_dict(load_any(init_path)[1])
-    return model
+def initial_weight_source(cfg: RunConfig, init_path: Optional[Path]) -> WeightSource:
+    """Where a stage's weights come from unless it reshards a checkpoint: ``init_path`` (checked against
+    ``cfg.model`` first; each rank reads only its slices), else the seed."""
+    if init_path is None:
+        return fresh_weights(cfg.model, cfg.train.seed)
+    check_init_weights(cfg, init_path)
+    return stored_weights(weight_locations(init_path), str(init_path))
 
 
 class StageTrainer:
@@ -203,10 +202,7 @@ class StageTrainer:
                     f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
                 )
             return stored_weights(layout_free_locations(source), f"the layout-free checkpoint {source}")
-        if init_path is not None:
-            check_init_weights(self.cfg, init_path)
-            return stored_weights(weight_locations(init_path), str(init_path))
-        return fresh_weights(self.cfg.model, self.cfg.train.seed)
+        return initial_weight_source(self.cfg, init_path)
 
     def resume(self) -> None:
         """Continue from the chosen checkpoint: DeepSpeed's own shards when the layout is the same, else the layout-free copy."""
