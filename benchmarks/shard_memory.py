@@ -43,7 +43,7 @@ def main() -> None:
         save_consolidated(Llama(cfg, seed=1).state_dict(), cfg, Path(init_dir))
         for source, init_from in (("fresh", None), ("init_from", Path(init_dir))):
             for layout, (world, overrides) in LAYOUTS.items():
-                ranks = build_peaks(world, [*model, *overrides], init_from)
+                (ranks,) = build_peaks(world, [[*model, *overrides]], init_from)
                 result["rows"].append({"layout": layout, "weights": source, "ranks": ranks})
     reference = {row["weights"]: row["ranks"][0]["peak_mib"] for row in result["rows"] if row["layout"] == "tp1"}
     print("| layout | weights from | held MiB per rank | peak MiB per rank | peak / tp1 peak |")
