@@ -274,7 +274,7 @@ def fetch_tree(run_dir: Path, rel: str) -> int:
                         "start the stage again with 'raylm resume'")
     fetched = 0
     blobs = cache_root() / "blobs"
-    with _machine_lock(store.uri + "/" + rel):
+    with _machine_lock("blobs"):  # one fetch at a time per machine: trees share blobs (a tokenizer in two of them)
         for name, (size, sha256) in contents.items():
             blob = blobs / sha256[:2] / sha256
             target = run_dir / rel / name

@@ -169,20 +169,6 @@ def spare_worker_run(ray_cluster, tmp_path_factory) -> Path:
     return launch_in_process(tmp_path_factory.mktemp("spare"), "spare", [*CHECKPOINT_AT_3, "cluster.num_workers=3", "cluster.min_workers=1"])
 
 
-def dense_model(cfg, init_path: Optional[Path] = None):
-    """The whole model in one process, from the source every rank of every layout takes its parts from."""
-    import torch
-
-    from raylm.models.llama import Llama
-    from raylm.parallelism.materialize import materialize
-    from raylm.trainer.worker import initial_weight_source
-
-    with torch.device("meta"):
-        model = Llama(cfg.model, cfg.train.seed)
-    materialize(model, {name for name, _ in model.named_parameters()}, initial_weight_source(cfg, init_path), 0, 1)
-    return model
-
-
 def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
     """Same 5 losses and the same weight updates as ``reference``, within what reduction order explains.
 
@@ -194,13 +180,15 @@ def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
 
     from numerics import training_rel
     from raylm.configs.loader import from_yaml_file, resolve_stage
+    from raylm.trainer.worker import build_dense_model
+
     cfg = resolve_stage(from_yaml_file(reference / "config.yaml"), 0)
     expected, got = losses(reference), losses(run_dir)
     assert len(got) == len(expected) == 5
     rel = training_rel(cfg.model, cfg.train.global_batch_size * cfg.model.max_seq_len, len(expected))
     for step, (a, b) in enumerate(zip(expected, got), start=1):
         assert abs(a - b) <= rel * abs(a), f"step {step}: 1 worker {a} vs {label} {b} (tolerance {rel:.2g} relative)"
-    initial = dense_model(cfg).state_dict()
+    initial = build_dense_model(cfg, None).state_dict()
     ref_weights = load_file(str(reference / "pretrain" / "final" / "model.safetensors"))
     weights = load_file(str(run_dir / "pretrain" / "final" / "model.safetensors"))
     assert ref_weights.keys() == weights.keys()

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, dense_model, forget_after, launch_in_process, losses, read_metrics, resume_in_process
+from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, forget_after, launch_in_process, losses, read_metrics, resume_in_process
 from gloo_spawn import run_on_gloo
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.session import LocalSession
-from raylm.trainer.worker import StageTrainer
+from raylm.trainer.worker import StageTrainer, build_dense_model
 from raylm.parallelism.masters import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def _masters_start_at_the_fp32_weights(rank: int, world_size: int, tmp: Path) ->
         dist.barrier()
         trainer = StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), torch.device("cpu"))
         masters = consolidated_state_dict(trainer.engine, trainer.par)
-        for name, weight in dense_model(resolve_stage(run, 0)).state_dict().items():
+        for name, weight in build_dense_model(resolve_stage(run, 0), None).state_dict().items():
             if name in masters:  # a tied head is stored once
                 assert torch.equal(masters[name], weight), f"ZeRO-{zero_stage}: {name}"
 

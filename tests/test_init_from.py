@@ -5,7 +5,7 @@ import torch
 
 from raylm.configs.loader import load_config
 from raylm.errors import UserError
-from conftest import dense_model
+from raylm.trainer.worker import build_dense_model
 from raylm.models.hf import save_hf
 from raylm.models.llama import Llama
 from raylm.models.weights import save_consolidated
@@ -26,7 +26,7 @@ def test_init_from_reproduces_the_weights_exactly(tmp_path, fmt):
         save_consolidated(source.state_dict(), cfg.model, tmp_path)
     else:
         save_hf(source.state_dict(), cfg.model, tmp_path)
-    model = dense_model(cfg, tmp_path)
+    model = build_dense_model(cfg, tmp_path)
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
@@ -36,9 +36,9 @@ def test_init_from_weights_of_another_shape_is_refused(tmp_path):
     save_consolidated(_trained_like(cfg).state_dict(), cfg.model, tmp_path)
     other = load_config("tiny", [*OVERRIDES[:1], "model.n_layer=2"])
     with pytest.raises(UserError, match="model.n_layer=2 vs 4"):
-        dense_model(other, tmp_path)
+        build_dense_model(other, tmp_path)
 
 
 def test_init_from_a_directory_without_weights_is_refused(tmp_path):
     with pytest.raises(UserError, match="config.json"):
-        dense_model(load_config("tiny", OVERRIDES), tmp_path)
+        build_dense_model(load_config("tiny", OVERRIDES), tmp_path)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import dense_model
 from numerics import longest_reduction, model_depth, worst_case
 
 from raylm.configs.loader import load_config, resolve_stage
@@ -40,7 +39,7 @@ from raylm.launcher.cli import main
 from raylm.launcher.inference import load_stage
 from raylm.trainer.layout import FINAL_DIR, STAGE_SUMMARY
 from raylm.trainer.stage_data import TOKENIZER_DIR
-from raylm.trainer.worker import check_init_weights, initial_weights
+from raylm.trainer.worker import build_dense_model, check_init_weights, initial_weights
 from raylm.models.hf import hf_config, save_hf, to_hf_state_dict
 from raylm.models.llama import Llama
 from raylm.models.weights import load_any, save_consolidated
@@ -142,7 +141,7 @@ def test_stage_hand_off_and_init_from_never_unpickle(finished, tmp_path, unpickl
         run.stages[1].init_from = init_from
         assert initial_weights(finished, run, 1) == weights_dir
         check_init_weights(sft, weights_dir)  # the driver, before any worker starts
-        loaded = dense_model(sft, weights_dir).state_dict()  # each worker
+        loaded = build_dense_model(sft, weights_dir).state_dict()  # each worker
         for name, tensor in expected.items():
             assert torch.equal(loaded[name], tensor), (weights_dir, name)
     assert unpickled == []
@@ -182,7 +181,7 @@ def test_a_pickled_hugging_face_checkpoint_is_refused_not_loaded(finished, tmp_p
     with pytest.raises(UserError, match=r"only safetensors weights are imported"):
         load_any(hf_dir)
     with pytest.raises(UserError, match=r"pytorch_model.bin|\.bin"):
-        dense_model(sft, hf_dir)
+        build_dense_model(sft, hf_dir)
     assert unpickled == [] and not sprung.exists()
     # The trap is armed: loading the file the way pickle-based tools do springs it.
     torch.load(hf_dir / "pytorch_model.bin", weights_only=False)

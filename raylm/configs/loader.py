@@ -90,7 +90,7 @@ def _found(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {shown}"
 
 
-def _optional_inner(annotation: Any) -> tuple[bool, Any]:
+def optional_inner(annotation: Any) -> tuple[bool, Any]:
     """(whether None is allowed, the type without Optional)."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union and type(None) in args:
@@ -104,7 +104,7 @@ def check_shape(value: Any, annotation: Any, key: str, origin: str) -> None:
     OmegaConf would report it in its own terms ("list is not a subclass of
     ModelConfig"), or not at all; scalar conversions and unknown keys are left to it.
     """
-    optional, annotation = _optional_inner(annotation)
+    optional, annotation = optional_inner(annotation)
     if value is None and optional:
         return
     if is_dataclass(annotation):
@@ -134,7 +134,7 @@ def _annotation_at(key: str) -> Any:
     """The schema type at a dotted key (``stages.1.train``), or None where the schema has no such key."""
     annotation: Any = RunConfig
     for part in key.split("."):
-        annotation = _optional_inner(annotation)[1]
+        annotation = optional_inner(annotation)[1]
         if typing.get_origin(annotation) is list and part.isdigit():
             annotation = typing.get_args(annotation)[0]
         elif is_dataclass(annotation):
@@ -162,6 +162,16 @@ def _merge(base: DictConfig, layer: dict, origin: str) -> DictConfig:
         raise _explain(err, origin) from None
 
 
+def _start_null_sections(cfg: DictConfig, key: str) -> None:
+    """A key inside an optional section that is null (``stages.1.lora.rank=16``, lora null) starts it from its defaults."""
+    parts = key.split(".")
+    for end in range(1, len(parts)):
+        prefix = ".".join(parts[:end])
+        optional, section = optional_inner(_annotation_at(prefix))
+        if optional and is_dataclass(section) and OmegaConf.select(cfg, prefix, default=0) is None:
+            OmegaConf.update(cfg, prefix, OmegaConf.structured(section), merge=False)
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """Apply ``key=value`` items in order; list items by index (``stages.1.kind=sft``)."""
     for item in overrides:
@@ -176,6 +186,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if annotation is not None:
             check_shape(value, annotation, key, f"override '{item}'")
         try:
+            _start_null_sections(cfg, key)
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
             if not getattr(err, "full_key", None):

@@ -120,6 +120,18 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _f(8, "Rank r of each adapter: A is r x in, B is out x r.")
+    alpha: float = _f(16.0, "Adapter scale numerator: the update B A is multiplied by alpha / rank.")
+    dropout: float = _f(0.0, "Dropout on the adapters' input while training, in [0, 1).")
+    targets: List[str] = _f(
+        ["wq", "wv"],
+        "Projections of every block that get adapters, by raylm's module names: wq, wk, wv, wo (attention), w1, w3, w2 "
+        "(SwiGLU gate, up, down); PEFT calls them q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.",
+    )
+
+
+@dataclass
 class StageConfig:
     name: str = _f("pretrain", "Stage name; also its directory under the run.")
     kind: str = _f("pretrain", "'pretrain' (next-token loss on the corpus) or 'sft' (loss on responses only).")
@@ -129,6 +141,12 @@ class StageConfig:
     train: Dict[str, Any] = _f({}, "Overrides of the train section for this stage.")
     parallel: Dict[str, Any] = _f({}, "Overrides of the parallel section for this stage.")
     cluster: Dict[str, Any] = _f({}, "Overrides of num_workers/min_workers/cpus_per_worker for this stage.")
+    lora: Optional[LoraConfig] = _f(
+        None,
+        "Train LoRA adapters on a frozen base instead of every weight (e.g. {rank: 8, alpha: 16, targets: [wq, wv]}); "
+        "needs parallel.tp=1, parallel.pp=1 and parallel.zero_stage 0-2. The stage still ends with dense weights in final/, "
+        "and its adapter in PEFT's format in final/adapter/. null trains every weight.",
+    )
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from raylm.configs.schema import RunConfig
+from raylm.configs.schema import LoraConfig, RunConfig
 from raylm.errors import UserError
 from raylm.storage import check_uri, is_uri
 from raylm.parallelism.zero import batch_splits, batch_unit
@@ -166,6 +166,32 @@ def validate_cluster(run: RunConfig) -> None:
     _positive(run.logging.mfu_peak_tflops, "logging.mfu_peak_tflops")
 
 
+def validate_lora(run: RunConfig, lora: LoraConfig, index: int) -> None:
+    """LoRA's own settings, and the layouts it runs on: one whole model per rank (tp=1, pp=1), ZeRO 0-2."""
+    from raylm.models.lora import TARGET_PATHS
+
+    key = f"stages.{index}.lora"
+    _positive(lora.rank, f"{key}.rank")
+    _positive(lora.alpha, f"{key}.alpha")
+    if not 0 <= lora.dropout < 1:
+        raise UserError(f"{key}.dropout={lora.dropout} must be in [0, 1)")
+    allowed = ", ".join(TARGET_PATHS)
+    if not lora.targets:
+        raise UserError(f"{key}.targets is empty; name projections among {allowed}")
+    for target in lora.targets:
+        if target not in TARGET_PATHS:
+            raise UserError(f"{key}.targets has {target!r}, not a projection of raylm's Llama; choose among {allowed}")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise UserError(f"{key}.targets={list(lora.targets)} names a projection twice; list each once")
+    p = run.parallel
+    for degree in ("tp", "pp"):
+        if getattr(p, degree) > 1:
+            raise UserError(f"{key} cannot run with parallel.{degree}={getattr(p, degree)}: LoRA stages keep the whole model on each rank; "
+                            f"set parallel.{degree}=1 (adapters are small, data parallelism is enough)")
+    if p.zero_stage > 2:
+        raise UserError(f"{key} cannot run with parallel.zero_stage=3 (the frozen base would be partitioned too); use parallel.zero_stage=2")
+
+
 def validate_stages(run: RunConfig) -> None:
     from raylm.configs.loader import resolve_stage
 
@@ -189,6 +215,8 @@ def validate_stages(run: RunConfig) -> None:
                 raise UserError(f"stage '{stage.name}': {err}") from None
         try:
             validate_data(stage_run, stage.kind)
+            if stage.lora is not None:
+                validate_lora(stage_run, stage.lora, index)
         except UserError as err:
             raise UserError(f"stage '{stage.name}': {err}") from None
 

@@ -127,12 +127,21 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _walk_keys(cls: type, prefix: str = ""):
+    import typing
+
+    from raylm.configs.loader import optional_inner
+
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
         if is_dataclass(default):
             yield from _walk_keys(type(default), f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", default, f.metadata.get("help", "")
+            continue
+        yield f"{prefix}{f.name}", default, f.metadata.get("help", "")
+        section = optional_inner(hints[f.name])[1]
+        if default is None and is_dataclass(section):
+            # An optional section (stages.N.lora): the keys a mapping given there may set, and their defaults.
+            yield from _walk_keys(section, f"{prefix}{f.name}.")
 
 
 def cmd_config_keys(args: argparse.Namespace) -> int:

@@ -32,5 +32,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attention score and value products (QK^T and AV) over a context of T =
     ``seq_len`` tokens, with L = n_layer and d = d_model.
     """
-    matmul_params = cfg.n_layer * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
-    return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """The weights that take part in a matmul per token: every block's projections and the output head."""
+    return cfg.n_layer * block_matmul_params(cfg) + cfg.vocab_size * cfg.d_model
+
+
+def lora_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int) -> float:
+    """``flops_per_token`` of a LoRA stage: the frozen weights still carry the gradient back to the adapters
+    below them (2 FLOPs per weight besides the forward's 2) but compute no gradient of their own (the other 2);
+    the adapters train in full (6 per weight)."""
+    return flops_per_token(cfg, seq_len) - 2.0 * matmul_params(cfg) + 6.0 * adapter_params

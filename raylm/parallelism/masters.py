@@ -48,6 +48,12 @@ def inner_optimizer(engine) -> torch.optim.Optimizer:
     return wrapped.optimizer if hasattr(wrapped, "optimizer") and isinstance(wrapped.optimizer, torch.optim.Optimizer) else wrapped
 
 
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of the Adam moments this rank holds (ZeRO-1 and up split them over the data-parallel ranks)."""
+    return sum(t.numel() * t.element_size() for state in inner_optimizer(engine).state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)  # not the step count
+
+
 def full_local(engine, param: nn.Parameter, key: Optional[str]) -> torch.Tensor:
     """This tensor rank's whole fp32 ``param`` (key None) or optimizer state ``key``; a collective over dp under ZeRO."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -67,11 +67,12 @@ def stored_weights(locations: Mapping[str, Location], source: str) -> WeightSour
 
 
 def materialize(model: nn.Module, names: Set[str], weights: WeightSource, tp_rank: int, tp: int) -> None:
-    """Give the weights ``names`` of ``model`` (on ``meta``, tensor-parallel shards where the plan splits)
-    their values, in place; weights shared by several modules stay shared. Other weights stay on ``meta``."""
+    """Give the weights ``names`` of ``model`` that are on ``meta`` (tensor-parallel shards where the plan
+    splits) their values, in place; weights shared by several modules stay shared. Other weights stay as
+    they are (on ``meta``, or already made: a LoRA stage's whole model)."""
     replacements: Dict[int, nn.Parameter] = {}
     for name, param in model.named_parameters():  # a tied weight once, under the embedding's name
-        if name not in names:
+        if name not in names or not param.is_meta:
             continue
         value = weights(name, tp_rank, tp).to(param.dtype)
         if value.shape != param.shape:

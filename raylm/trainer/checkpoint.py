@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from raylm.files import sha256_of
 
@@ -41,6 +41,8 @@ class TrainerState:
     dp: int
     zero_stage: int = 0
     bf16: bool = False
+    lora: Optional[Dict[str, Any]] = None
+    """The stage's LoRA settings (None: every weight trains); a checkpoint holds adapters of these settings only."""
 
     def layout(self) -> str:
         """What DeepSpeed's own shards depend on; another layout loads the layout-free copy instead."""

@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
-from raylm.configs.schema import ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, write_manifest
@@ -34,14 +35,15 @@ from raylm.trainer.sample import sample_text
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
-from raylm.models.flops import flops_per_token
+from raylm.models.flops import flops_per_token, lora_flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
+from raylm.models.lora import ADAPTER_DIR, adapter_weights, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
-from raylm.parallelism.materialize import WeightSource, fresh_weights, stored_weights
-from raylm.parallelism.masters import consolidated_state_dict, set_master_weights
+from raylm.parallelism.materialize import WeightSource, fresh_weights, materialize, stored_weights
+from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
@@ -82,6 +84,40 @@ def initial_weight_source(cfg: RunConfig, init_path: Optional[Path]) -> WeightSo
     return stored_weights(weight_locations(init_path), str(init_path))
 
 
+def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
+    """The whole model in one process, from the source every rank of every layout takes its parts from
+    (``initial_weight_source``): a LoRA stage's frozen base, and what its adapters are merged into."""
+    with torch.device("meta"):
+        model = Llama(cfg.model, cfg.train.seed)
+    materialize(model, {name for name, _ in model.named_parameters()}, initial_weight_source(cfg, init_path), 0, 1)
+    return model
+
+
+def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Optional[Path],
+                      trained: Optional[WeightSource] = None) -> Llama:
+    """The model a stage trains: laid out on ``meta``, each rank giving only its own weights values
+    (``build_parallel_model``); or, with ``lora`` (one whole model per rank), the frozen base from
+    ``init_path`` with adapters, those of a resharded resume read from ``trained``.
+    """
+    if lora is None:
+        with torch.device("meta"):
+            return Llama(cfg.model, cfg.train.seed)
+    model = build_dense_model(cfg, init_path)
+    add_lora(model, lora, cfg.train.seed)
+    if trained is not None:
+        load_adapters(model, {name: trained(name, 0, 1) for name in adapter_weights(model.state_dict())})
+    # Checkpoints save the module's state_dict: here the adapters alone. (DeepSpeed's exclude_frozen_parameters
+    # matches named_parameters' names, which miss a tied head and differ under activation checkpointing's wrapper.)
+    frozen = [name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad]
+    model.register_state_dict_post_hook(partial(_drop_entries, frozen))
+    return model
+
+
+def _drop_entries(names: List[str], module: torch.nn.Module, state: Dict[str, torch.Tensor], prefix: str, local_metadata: Dict) -> None:
+    for name in names:
+        del state[prefix + name]
+
+
 class StageTrainer:
     """Owns one stage's engine, data and sinks on one rank."""
 
@@ -108,26 +144,34 @@ class StageTrainer:
 
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
+        self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
-                                  self.cfg.parallel.zero_stage, self.bf16)
+                                  self.cfg.parallel.zero_stage, self.bf16, asdict(self.lora) if self.lora is not None else None)
         self.resume_from = self._choose_checkpoint()
         if self.resume_from is not None:
             self.session.fetch(self.resume_from, lambda rel: False)  # the manifest
         self.saved = read_state(self.resume_from) if self.resume_from is not None else None
+        if self.saved is not None and self.saved.lora != self.state.lora:
+            raise UserError(f"checkpoint {self.resume_from} was written with stages.{stage_index}.lora={self.saved.lora}, this stage has "
+                            f"{self.state.lora}; restore that setting, or start a new stage from this one's initial weights")
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
         if self.reshard:
             self.session.fetch(self.resume_from, lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/"))
+        self.init_path = initial_weights(run_dir, self.run, stage_index)
+        weights = self._weight_source(self.init_path)
         torch.manual_seed(self.cfg.train.seed)
-        with torch.device("meta"):  # shapes only: each rank makes just the weights it holds
-            layout = Llama(self.cfg.model, self.cfg.train.seed)
-        weights = self._weight_source(initial_weights(run_dir, self.run, stage_index))
-        self.par: ParallelModel = build_parallel_model(layout, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
+        dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None)
+        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.engine = self._build_engine(weights)
         self.seq_len = self.cfg.model.max_seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        if self.lora is None:
+            self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
+        else:
+            adapters = sum(p.numel() for p in dense.parameters() if p.requires_grad)
+            self.flops_per_token = lora_flops_per_token(self.cfg.model, self.seq_len, adapters)
         self.watchdog = HangWatchdog(self.cfg.fault.hang_timeout_s, f"rank {self.ctx.rank} of stage {self.stage.name}")
         # Every rank runs its stage's forward once per micro-batch, training or
         # evaluating; a middle pipeline stage never touches the data, so the
@@ -141,14 +185,17 @@ class StageTrainer:
         params = [p for p in self.par.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            # DeepSpeed drops an empty group (a LoRA stage trains no norms), and the scheduler would then count one too many.
+            [group for group in groups if group["params"]],
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
         )
         max_steps = self.cfg.train.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
+        adapters = fp32_weights(self.par) if self.bf16 and self.lora is not None else None
         engine, _, _, _ = deepspeed.initialize(
             model=self.par.module.to(self.ctx.device),
             optimizer=optimizer,
@@ -157,9 +204,10 @@ class StageTrainer:
             mpu=self.par.mpu,
         )
         if self.bf16:
-            # DeepSpeed made its fp32 masters from the bf16-rounded module; a
-            # stage starting from given (or seeded) weights starts from them exactly.
-            set_master_weights(engine, self.par, weights)
+            # DeepSpeed made its fp32 masters from the bf16-rounded module; a stage starting from given (or
+            # seeded) weights starts from them exactly: made again from their source, or, for LoRA's few
+            # adapter weights (drawn in add_lora), copied before.
+            set_master_weights(engine, self.par, weights if adapters is None else lambda name, tp_rank, tp: adapters[name])
         return engine
 
     # ----------------------------------------------------------------- logging
@@ -218,7 +266,8 @@ class StageTrainer:
                 print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
         else:
             self.session.fetch(path, read_by_rank(self.engine, self.ctx.rank))
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                       load_module_strict=self.lora is None)  # a LoRA checkpoint lacks the frozen base
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
             set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False), self.ctx.device)
@@ -240,7 +289,9 @@ class StageTrainer:
     def checkpoint(self, metrics: Dict) -> None:
         began = time.perf_counter()
         staging = self.session.staging_dir(self.state.step)
-        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+        # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
+        # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
+        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
         dist.barrier()
@@ -376,10 +427,17 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
-        full_state = consolidated_state_dict(self.engine, self.par)
+        full_state = consolidated_state_dict(self.engine, self.par)  # every trained weight: under LoRA, the adapters
+        trainable_params = sum(t.numel() for t in full_state.values())
+        optimizer_state_mb = optimizer_state_bytes(self.engine) / 2**20
         summary: Dict = {}
         if self.ctx.rank == 0:
             final_dir = self.stage_dir / FINAL_DIR
+            if self.lora is not None:
+                save_peft_adapter(full_state, self.lora, final_dir / ADAPTER_DIR)
+                # The next stage and export read dense weights: the base, unrounded, plus the adapters' update.
+                base = build_dense_model(self.cfg, self.init_path).state_dict()
+                full_state = merged_weights(base, full_state, self.lora)
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
             self.session.publish(self.run_dir, f"{self.stage.name}/{FINAL_DIR}")
@@ -392,6 +450,7 @@ class StageTrainer:
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
                 **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
+                "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
             self.session.publish(self.run_dir, f"{self.stage.name}/{STAGE_SUMMARY}")  # last: it marks the stage finished
