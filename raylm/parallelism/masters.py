@@ -108,6 +108,12 @@ def set_full_local(engine, param: nn.Parameter, value: torch.Tensor, key: Option
         inner_optimizer(engine).state[param][key].copy_(value)
 
 
+def fp32_weights(par: ParallelModel) -> StateDict:
+    """Copies of this rank's trainable weights, taken before DeepSpeed rounds the module to bf16 (for weights
+    that no ``WeightSource`` can make again: a LoRA stage's freshly drawn adapters)."""
+    return {name: param.detach().to(torch.float32, copy=True) for name, param in trainable_by_name(par).items()}
+
+
 def set_master_weights(engine, par: ParallelModel, weights: WeightSource) -> None:
     """Make the fp32 masters exactly this rank's part of ``weights``; DeepSpeed built them from the bf16-rounded module.
 
