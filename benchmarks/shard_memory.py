@@ -31,8 +31,6 @@ def main() -> None:
     model = [f"model.d_model={args.d_model}", f"model.n_layer={args.n_layer}", "model.n_head=8", "model.n_kv_head=8",
              f"model.vocab_size={args.vocab}", "parallel.zero_stage=1"]
 
-    import torch
-
     from raylm.configs.loader import load_config
     from raylm.models.llama import Llama
     from raylm.models.weights import save_consolidated
