@@ -6,8 +6,9 @@
 2. Checkpoint restore throughput after a SIGKILLed worker (the
    ``fetched_checkpoint`` events: each rank's own files, sha256-checked) against
    a raw ``copy_files`` download of the same checkpoint directory.
-3. Bytes each stage's ranks downloaded of the run's inputs (``fetched`` events):
-   at the first start, after the restart, and for the second stage.
+3. Bytes each stage's ranks downloaded of the run's inputs (``fetched`` events;
+   the workers keep their own node cache, apart from the driver's): at the first
+   start, after the restart, and for the second stage.
 
     .venv/bin/python benchmarks/object_storage.py [--out DIR]
 """
@@ -69,23 +70,30 @@ def main() -> None:
     from raylm.launcher.stages import prepare_data, run_all
     from raylm.storage import Store
     from raylm.trainer import run_dir as rundir
+    from raylm.trainer.stored_checkpoints import stored_steps
     from faults import latest_step, worker_pids
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    os.environ["RAYLM_CACHE"] = tempfile.mkdtemp(prefix="raylm-cache-")
     with s3_server() as endpoint:
         runs = new_bucket(endpoint)
+        # The workers' node and the driver keep separate caches, as two machines would (Ray's processes take
+        # the environment the cluster starts with).
+        node_cache = os.environ["RAYLM_CACHE"] = tempfile.mkdtemp(prefix="raylm-node-cache-")
         info = start_or_connect(None)
+        os.environ["RAYLM_CACHE"] = tempfile.mkdtemp(prefix="raylm-driver-cache-")
         run = load_config("tiny", [f"runs_dir={runs}", "name=bench", *RUN])
         run_dir = rundir.create(run, "bench")
         prepare_data(run_dir, run, Console(quiet=True))
 
+        # The workers' logs (with their pids) are in their node's view of the run.
+        node_view = Path(node_cache) / run_dir.relative_to(os.environ["RAYLM_CACHE"])
+
         def kill_mid_run() -> None:
             while latest_step(run_dir) < 9:
                 time.sleep(0.02)
-            os.kill(worker_pids(run_dir / "pretrain")[-1], signal.SIGKILL)
+            os.kill(worker_pids(node_view / "pretrain")[-1], signal.SIGKILL)
 
         threading.Thread(target=kill_mid_run, daemon=True).start()
         run_all(run_dir, run, info, Console(quiet=True))
@@ -97,7 +105,8 @@ def main() -> None:
         restores = [r for r in records if r.get("event") == "fetched_checkpoint"]
         restore_rate = sum(r["bytes"] for r in restores) / max(r["seconds"] for r in restores)
         restart = next(r for r in records if r.get("event") == "restart")
-        checkpoint = f"pretrain/step_{restart['step']:07d}"
+        # The restored step may be pruned by now (train.keep_last): the raw download reads a kept one of the same size.
+        checkpoint = f"pretrain/{stored_steps(store, 'pretrain')[0]}"
         raw_up = _raw_upload(Store(runs), int(sum(r["bytes"] for r in saves) / len(saves)))
         raw_down = _raw_download(store, checkpoint)
         fetched = [r for r in records if r.get("event") == "fetched"]
@@ -113,7 +122,8 @@ def main() -> None:
             "restore_mb_per_s": restore_rate / 1e6,
             "raw_download_mb_per_s": raw_down / 1e6,
             "restore_over_raw_download": restore_rate / raw_down,
-            "restore_mb_fetched_of_checkpoint_mb": [sum(r["bytes"] for r in restores) / 1e6, sum(store.files(checkpoint).values()) / 1e6],
+            "restore_mb_fetched": sum(r["bytes"] for r in restores) / 1e6,
+            "checkpoint_mb_in_store": sum(store.files(checkpoint).values()) / 1e6,
             "pretrain_inputs_mb_first_start": downloaded("pretrain", False) / 1e6,
             "pretrain_inputs_mb_after_restart": downloaded("pretrain", True) / 1e6,
             "sft_inputs_mb": downloaded("sft", True) / 1e6,

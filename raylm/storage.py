@@ -155,18 +155,28 @@ def check_writable(store: Store, key: str = "runs_dir") -> None:
         store.write_bytes(probe, b"")
         store.fs.delete_file(store.path(probe))
     except Exception as err:  # OSError from pyarrow with the store's own message
-        raise UserError(f"{key}={store.display()}: cannot write there ({_store_problem(err)})") from None
+        raise UserError(f"{key}={store.display()}: cannot write there ({_store_problem(err, store)})") from None
 
 
-def _store_problem(err: Exception) -> str:
-    text = str(err)
-    lowered = text.lower()
+AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                          "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+"""Environment variables through which the AWS SDK finds credentials (besides its files and the instance's role)."""
+
+
+def _store_problem(err: Exception, store: Store) -> str:
+    lowered = str(err).lower()
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "not found" in lowered and "bucket" in lowered:
         return "the bucket does not exist; create it first"
-    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "credentials", "forbidden")):
-        return "the store refused this machine's credentials; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or grant the machine's role access)"
+    if any(s in lowered for s in ("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch", "signature_does_not_match",
+                                  "accessdenied", "access_denied", "access denied", "forbidden")):
+        return ("the store refused this machine's credentials; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for this store "
+                "(or grant the machine's role access)")
     if any(s in lowered for s in ("connect", "resolve", "timeout", "timed out", "unreachable", "refused")):
         return "the endpoint cannot be reached; check the host, the port and ?endpoint_override"
+    if store.base.startswith("s3://") and not any(os.environ.get(name) for name in AWS_CREDENTIAL_SOURCES) \
+            and not (Path.home() / ".aws" / "credentials").is_file():
+        return (f"{first_line(err)}; this machine has no AWS credentials: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or give the machine a role with access)")
     return first_line(err)
 
 

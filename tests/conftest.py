@@ -141,8 +141,9 @@ def forget_after(run_dir: Path, step: int) -> None:
 
 @pytest.fixture(scope="session")
 def single_worker(ray_cluster, tmp_path_factory) -> Path:
-    """The reference every layout must reproduce: one worker, no sharding."""
-    return launch_in_process(tmp_path_factory.mktemp("single"), "single", [*TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0"])
+    """The reference every layout must reproduce: one worker, no sharding; it scores one lm-eval task when it ends."""
+    return launch_in_process(tmp_path_factory.mktemp("single"), "single", [
+        *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "stages.0.eval_tasks=raylm_pydoc_topic"])
 
 
 @pytest.fixture(scope="session")

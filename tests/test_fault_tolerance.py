@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
 from faults import latest_step, signal_worker, wait_for, when_step_reached, worker_pids
-from raylm.trainer.checkpoint import read_state, step_dirs, verify
+from raylm.trainer.checkpoint import read_state, step_dir_name, step_dirs, verify
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +48,20 @@ def assert_bitwise_equal_to(reference: Path, run_dir: Path) -> None:
     assert [by_step[s] for s in sorted(by_step)] == losses(reference)
 
 
-def _break_storage_until_restart(run_dir: Path, parked: Path) -> None:
-    """A transient I/O error on the run directory: metrics.jsonl is a directory until a new worker group starts,
-    so rank 0 raises at its next write."""
-    metrics = run_dir / "metrics.jsonl"
-    before = worker_pids(run_dir / "pretrain")
-    metrics.replace(parked)
-    metrics.mkdir()
+def _break_storage_until_restart(run_dir: Path, ckpt_every: int) -> None:
+    """A transient I/O error on the run directory: the stage's next two checkpoint directories are files until a
+    new worker group starts, so the ranks' checkpoint upload (in ``ray.train.report``) raises."""
+    stage = run_dir / "pretrain"
+    before = worker_pids(stage)
+    due = (latest_step(run_dir) // ckpt_every + 1) * ckpt_every
+    blocked = [stage / step_dir_name(step) for step in (due, due + ckpt_every)]
+    for path in blocked:
+        path.write_text("")
     try:
-        wait_for(lambda: worker_pids(run_dir / "pretrain") != before, "the worker group that replaces the failed one")
+        wait_for(lambda: worker_pids(stage) != before, "the worker group that replaces the failed one")
     finally:
-        metrics.rmdir()
-        parked.replace(metrics)
+        for path in blocked:
+            path.unlink()
 
 
 def assert_restarts_resume_from_the_newest_checkpoint(run_dir: Path, ckpt_every: int) -> list:
@@ -90,7 +92,7 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
         injected.append(("kill", signal_worker(run_dir / "pretrain", signal.SIGKILL)))
         after_restart(1, 9)
         injected.append(("raise", 0))
-        _break_storage_until_restart(run_dir, tmp_path / "metrics.parked")
+        _break_storage_until_restart(run_dir, ckpt_every=4)
         after_restart(2, 13)
         injected.append(("freeze", signal_worker(run_dir / "pretrain", signal.SIGSTOP)))
 
@@ -100,11 +102,11 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     assert injector.error is None, injector.error
     # Each fault landed while the run still had steps to go (20 steps; the faults come at steps >= 6, 9 and 13).
     assert [what for what, pid in injected if pid is not None] == ["kill", "raise", "freeze"]
-    assert "IsADirectoryError" in (run_dir / "pretrain" / "logs" / "rank_000.log").read_text()
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "pretrain" / "logs").glob("rank_*.log"))
+    assert re.search(r"FileExistsError: .*Cannot create directory .*pretrain/step_\d+.: non-directory entry exists", logs)
     restarts = assert_restarts_resume_from_the_newest_checkpoint(run_dir, ckpt_every=4)
     assert len(restarts) == 3 and all(r["steps_lost"] >= 1 for r in restarts)
     # The frozen rank's peers stopped at their next collective; their watchdogs, not Ray, ended the group.
-    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "pretrain" / "logs").glob("rank_*.log"))
     assert re.search(r"no progress for \d+ s \(fault.hang_timeout_s=10\); exiting", logs)
     assert_bitwise_equal_to(uninterrupted, run_dir)
     # train.keep_last=2: the checkpoints each failed group left behind are gone too.

@@ -67,6 +67,12 @@ def test_metrics_and_summary(default_run):
     summary = json.loads((default_run / "summary.json").read_text())
     pretrain, sft = summary["stages"]
     assert pretrain["layout"]["dp"] == 2 and sft["layout"]["dp"] == 1
+    # Where each stage's time went, from Ray Train's worker start to its shutdown.
+    for stage in (pretrain, sft):
+        timeline = stage["timeline_s"]
+        assert {"process_group", "data", "model", "deepspeed_initialize", "mfu_peak", "resume"} <= set(timeline["rank_setup_phases"])
+        assert {"gather_weights", "save_final", "sample"} <= set(timeline["finish_phases"]) and timeline["restarts"] == 0
+        assert all(timeline[phase] >= 0 for phase in ("workers_up", "rank_setup", "first_step", "steps", "finish", "teardown"))
     # Better than a uniform guess over the 1024-token vocabulary after 12 steps, and reported consistently.
     assert pretrain["eval_loss"] < math.log(1024) and pretrain["perplexity"] == pytest.approx(math.exp(pretrain["eval_loss"]))
     assert pretrain["tokens_per_s"] > 0

@@ -155,3 +155,22 @@ def test_a_directory_without_task_yamls_or_with_a_broken_task_is_a_one_line_erro
 
 def test_tasks_and_data_together_are_a_one_line_error(finished, capsys):
     assert "give --tasks" in one_line_error(capsys, "eval", str(finished), "--tasks", NEXTWORD, "--data", "x.txt")
+
+
+def test_a_stage_scores_its_eval_tasks_when_it_ends(single_worker, capsys):
+    """``stages.0.eval_tasks`` (the session's one-worker run names one built-in task): the same scores as
+    ``raylm eval --tasks`` on the finished stage, in its summary and metrics.jsonl."""
+    summary = rundir.stage_summary(single_worker, "pretrain")
+    (recorded,) = read_metrics(single_worker, "pretrain", kind="eval_tasks")
+    assert set(summary["eval_tasks"]) == {"raylm_pydoc_topic"} and recorded["tasks"] == summary["eval_tasks"]
+    assert recorded["step"] == summary["steps"] == 5
+    assert set(summary["eval_tasks"]["raylm_pydoc_topic"]) - {"sample_len"} == METRICS["raylm_pydoc_topic"]
+    assert _eval(capsys, str(single_worker), "--tasks", "raylm_pydoc_topic")["eval_tasks"] == summary["eval_tasks"]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("hellaswag", "stages.0.eval_tasks: hellaswag is no built-in task; name built-in tasks"),
+    ("/no/such/dir", "stages.0.eval_tasks /no/such/dir: not a directory"),
+])
+def test_a_stage_eval_task_that_cannot_run_is_refused_before_training(capsys, spec, says):
+    assert says in one_line_error(capsys, "config", "show", "tiny", f"stages.0.eval_tasks={spec}")

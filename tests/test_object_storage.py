@@ -176,3 +176,58 @@ def test_a_store_that_cannot_hold_the_run_is_refused_before_anything_starts(endp
     assert f"run 'refused' already exists in {store.display()}; continue it with 'raylm resume {store.display('refused')}'" in taken
     assert store.files() == {"refused/config.yaml": 14} and not any(tmp_path.iterdir())
     assert "no run at" in one_line_error(capsys, "status", store.display("nothing") + "?" + runs.partition("?")[2])
+
+
+@pytest.fixture(scope="module")
+def checking_endpoint(tmp_path_factory):
+    """An S3 server (moto's, in its own process) that checks credentials after its first two requests: the probe that
+    it is up (one request answered) and the one that makes the bucket."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        import boto3
+
+        wait_for(lambda: server.poll() is None and _answers(endpoint), "the S3 server", timeout=60)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y").create_bucket(Bucket="locked")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(endpoint: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(endpoint, timeout=1)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def test_credentials_the_store_refuses_or_that_are_missing_are_named(checking_endpoint, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = f"runs_dir=s3://locked/runs?endpoint_override={checking_endpoint}"
+    base = ["launch", *TINY_PRETRAIN, "--name", "refused", runs]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    refused = one_line_error(capsys, *base)
+    assert "runs_dir=s3://locked/runs: cannot write there (the store refused this machine's credentials; export AWS_ACCESS_KEY_ID" in refused
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws/credentials either
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    missing = one_line_error(capsys, *base)
+    assert "this machine has no AWS credentials: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in missing
+    assert not any(tmp_path.iterdir())

@@ -147,6 +147,12 @@ class StageConfig:
         "needs parallel.tp=1, parallel.pp=1 and parallel.zero_stage 0-2. The stage still ends with dense weights in final/, "
         "and its adapter in PEFT's format in final/adapter/. null trains every weight.",
     )
+    eval_tasks: Optional[str] = _f(
+        None,
+        "lm-evaluation-harness tasks scored on the stage's final weights when it ends, as 'raylm eval --tasks' takes them "
+        "(built-in names or directories of task YAMLs, comma-separated); scores go into the stage summary, metrics.jsonl and "
+        "W&B. null scores none.",
+    )
 
 
 @dataclass

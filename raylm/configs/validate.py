@@ -207,6 +207,10 @@ def validate_stages(run: RunConfig) -> None:
         _one_of(stage.kind, f"stages.{index}.kind", STAGE_KINDS)
         if stage.init_from is not None and not Path(stage.init_from).is_dir():
             raise UserError(f"stages.{index}.init_from={stage.init_from!r} is not a directory; point it at a raylm final/ or Hugging Face Llama directory")
+        if stage.eval_tasks is not None:
+            from raylm.evals.harness import check_spec
+
+            check_spec(stage.eval_tasks, f"stages.{index}.eval_tasks")
         stage_run = resolve_stage(run, index)
         for rule in (validate_model, validate_training, validate_parallel, validate_cluster):
             try:

@@ -14,6 +14,7 @@ from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, LOGS_DIR, rank_log_name
+from raylm.trainer.phases import Phases
 from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR
 from raylm.launcher.ray_session import RaySession
 from raylm.parallelism.zero import usable_world_size
@@ -135,12 +136,13 @@ def _fetch_run_inputs(run_dir: Path, stage_index: int, relay) -> None:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
+    phases = Phases()
     stage = config["stage_name"]
     # A run in object storage is worked on in this machine's view of it; otherwise its directory is shared.
     run_dir = storage.view_of(storage.Store(config["run_uri"])) if config["run_uri"] else Path(config["run_dir"])
     _log_to_file(run_dir / stage)
     try:
-        _run_rank(config, run_dir, stage)
+        _run_rank(config, run_dir, stage, phases)
     finally:
         # Into the run's store, failed or not: on object storage nobody else can read this machine's disk.
         sys.stdout.flush()
@@ -148,7 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
         storage.push(run_dir, f"{stage}/{LOGS_DIR}/{rank_log_name(ray.train.get_context().get_world_rank())}")
 
 
-def _run_rank(config: dict, run_dir: Path, stage: str) -> None:
+def _run_rank(config: dict, run_dir: Path, stage: str, phases: Phases) -> None:
     import ray.train
     import ray.train.torch
 
@@ -156,6 +158,7 @@ def _run_rank(config: dict, run_dir: Path, stage: str) -> None:
 
     if config["run_uri"]:
         _fetch_run_inputs(run_dir, config["stage_index"], config["relay"])
+        phases.mark("fetch_inputs")
     cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), config["stage_index"])
     context = ray.train.get_context()
     rank, workers = context.get_world_rank(), context.get_world_size()
@@ -173,4 +176,4 @@ def _run_rank(config: dict, run_dir: Path, stage: str) -> None:
         return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
     train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last, config["relay"]),
-                device)
+                device, phases)

@@ -28,6 +28,7 @@ SAFE_ON_RESUME = (
     "train.sample_tokens",
     "logging.",
     "fault.",
+    "eval_tasks",
 )
 
 

@@ -14,11 +14,12 @@ from rich.table import Table
 from raylm import storage
 from raylm.cluster.connect import ClusterInfo, check_capacity, wants_gpu
 from raylm.configs.loader import resolve_stage
-from raylm.configs.schema import RunConfig
+from raylm.configs.schema import RunConfig, StageConfig
 from raylm.errors import StageFailed, UserError
 from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
+from raylm.launcher.timeline import stage_timeline
 from raylm.trainer.stage_data import DATA_DIR, TOKENIZER_DIR, StageData, prepare_stage_data
 from raylm.trainer.worker import check_init_weights
 from raylm.trainer.checkpoint import RAY_SNAPSHOT, registered_by_ray
@@ -101,7 +102,9 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     if stage.init_from:
         # Weights from outside the run (the previous stage's fit by construction: stages share model.*).
         check_init_weights(cfg, Path(stage.init_from))
+    prepare_began = time.time()
     data = _prepared(run_dir, run, index, console)
+    prepare_s = time.time() - prepare_began
     console.print(
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
         f"{workers} on {'GPU' if use_gpu else 'CPU'}"
@@ -112,11 +115,16 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
     pump = RecordPump(relay, run_dir, run.name or run_dir.name, stage.name, cfg, progress)
     summary = None
     try:
+        fit_began = time.time()
         with progress, pump:
             _fit(stage_trainer(run_dir, run, index, cfg, use_gpu, relay), run_dir, stage.name, cfg)
+        fit_ended = time.time()
         summary = rundir.stage_summary(run_dir, stage.name)
         if summary is None:
             raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
+        summary["timeline_s"] = stage_timeline(pump.seen, prepare_s, fit_began, fit_ended)
+        if stage.eval_tasks:
+            summary["eval_tasks"] = _score_eval_tasks(run_dir, stage, index, summary["steps"], pump, console)
     finally:
         stop_relay(relay)
         pump.finish(summary or {})
@@ -130,6 +138,22 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
         storage.push(run_dir, str(picture.relative_to(run_dir)))
     storage.push(run_dir, f"{stage.name}/{STAGE_SUMMARY}")
     return summary
+
+
+def _score_eval_tasks(run_dir: Path, stage: StageConfig, index: int, step: int, pump, console: Console) -> dict:
+    """The stage's ``eval_tasks`` scored on its final weights, into metrics.jsonl and its W&B run."""
+    from raylm.evals.harness import run_tasks, scores_record, wandb_values
+    from raylm.launcher.inference import load_stage
+
+    with console.status(f"[{stage.name}] scoring lm-eval tasks {stage.eval_tasks}"):
+        scores = run_tasks(load_stage(run_dir, stage.name), stage.eval_tasks, key=f"stages.{index}.eval_tasks")
+    pump.metrics.write(scores_record(stage.name, step, scores))
+    values = wandb_values(scores)
+    pump.wandb.log(step, values)
+    pump.wandb.summary(values)
+    for task, metrics in scores.items():
+        console.print(f"  [{stage.name}] {task}: " + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    return scores
 
 
 def _fit(trainer, run_dir: Path, stage: str, cfg: RunConfig) -> None:

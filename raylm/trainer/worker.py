@@ -29,6 +29,7 @@ from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rn
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
+from raylm.trainer.phases import Phases
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
@@ -121,7 +122,9 @@ def _drop_entries(names: List[str], module: torch.nn.Module, state: Dict[str, to
 class StageTrainer:
     """Owns one stage's engine, data and sinks on one rank."""
 
-    def __init__(self, run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device):
+    def __init__(self, run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device,
+                 phases: Optional[Phases] = None):
+        self.phases = phases or Phases()
         self.run_dir = run_dir
         self.run = from_yaml_file(run_dir / CONFIG_FILE)
         self.stage: StageConfig = self.run.stages[stage_index]
@@ -142,7 +145,9 @@ class StageTrainer:
             else None
         )
 
+        self.phases.mark("process_group")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
+        self.phases.mark("data")
         topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
         self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
@@ -165,7 +170,9 @@ class StageTrainer:
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
+        self.phases.mark("model")
         self.engine = self._build_engine(weights)
+        self.phases.mark("deepspeed_initialize")
         self.seq_len = self.cfg.model.max_seq_len
         if self.lora is None:
             self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
@@ -380,14 +387,16 @@ class StageTrainer:
         # Every rank measures, though only rank 0 reports: all at once, the cores are shared as in training.
         peak_tflops = self.cfg.logging.mfu_peak_tflops
         peak = configured_peak(peak_tflops) if peak_tflops else measured_peak(self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+        self.phases.mark("mfu_peak")
         self.resume()
+        self.phases.mark("resume")
         start_step = self.state.step
         self._log_restart(start_step)
         # The longest any of raylm's groups lets a collective wait, read back from the live groups.
         pg_timeout_s = max(group_timeout_s(g, self.ctx.device) for g in [dist.group.WORLD, *self.par.groups.groups()])
         self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
                   "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
-                  "pg_timeout_s": pg_timeout_s})
+                  "pg_timeout_s": pg_timeout_s, "entered": self.phases.began, "setup_s": self.phases.seconds})
         last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
         window_tokens, window_time = 0, 0.0
         train_time, train_tokens = 0.0, 0
@@ -427,7 +436,9 @@ class StageTrainer:
 
     def finish(self, last: Dict, tokens_per_s: float, peak: Peak) -> Dict:
         self.watchdog.beat()
+        done = Phases()
         full_state = consolidated_state_dict(self.engine, self.par)  # every trained weight: under LoRA, the adapters
+        done.mark("gather_weights")
         trainable_params = sum(t.numel() for t in full_state.values())
         optimizer_state_mb = optimizer_state_bytes(self.engine) / 2**20
         summary: Dict = {}
@@ -441,8 +452,10 @@ class StageTrainer:
             save_consolidated(full_state, self.cfg.model, final_dir)
             self.data.tokenizer.save(final_dir)
             self.session.publish(self.run_dir, f"{self.stage.name}/{FINAL_DIR}")
+            done.mark("save_final")
             sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
                                  self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+            done.mark("sample")
             summary = {
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
@@ -454,7 +467,8 @@ class StageTrainer:
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
             self.session.publish(self.run_dir, f"{self.stage.name}/{STAGE_SUMMARY}")  # last: it marks the stage finished
-            self.log({"step": self.state.step, "kind": "end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+            self.log({"step": self.state.step, "kind": "end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                      "finish_s": done.seconds})
             if self.wandb is not None:
                 self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
                 self.wandb.finish()
@@ -469,6 +483,8 @@ def _float_or_nan(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def train_stage(run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device) -> Dict:
-    """Train one stage on this rank, on the launcher's ``device``; returns the stage summary on rank 0 ({} elsewhere)."""
-    return StageTrainer(run_dir, stage_index, session_factory, device).run_loop()
+def train_stage(run_dir: Path, stage_index: int, session_factory: Callable[[Path, RunConfig], Session], device: torch.device,
+                phases: Optional[Phases] = None) -> Dict:
+    """Train one stage on this rank, on the launcher's ``device``; returns the stage summary on rank 0 ({} elsewhere).
+    ``phases`` holds what the launcher timed before calling (the start record reports every set-up phase)."""
+    return StageTrainer(run_dir, stage_index, session_factory, device, phases).run_loop()
