@@ -202,6 +202,10 @@ ROWS = {
     "optimizer state": "optimizer_gib",
     "activations per step (no checkpointing)": "activations_gib",
     "activations per step (checkpointing)": "activations_checkpointed_gib",
+    "final norm, logits and loss buffers (last stage)": "loss_gib",
+    "backward: the largest weight's gradient before accumulation": "backward_gib",
+    "DeepSpeed communication buckets": "buckets_gib",
+    "start-up: fp32 weights before deepspeed.initialize": "startup_gib",
 }
 VERDICT = re.compile(r"(fits|does NOT fit) in ([\d,.]+) GiB per GPU \(([\d,.]+) GiB needed\)")
 

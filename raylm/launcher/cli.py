@@ -274,10 +274,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ("optimizer state", plan.optimizer_gib),
         ("activations per step (no checkpointing)", plan.activations_gib),
         ("activations per step (checkpointing)", plan.activations_checkpointed_gib),
+        ("final norm, logits and loss buffers (last stage)", plan.loss_gib),
+        ("backward: the largest weight's gradient before accumulation", plan.backward_gib),
+        ("DeepSpeed communication buckets", plan.buckets_gib),
+        ("training", plan.training_gib(p.activation_checkpointing)),
+        ("start-up: fp32 weights before deepspeed.initialize", plan.startup_gib),
         ("total", plan.total_gib(p.activation_checkpointing)),
     ):
         table.add_row(label, f"{value:,.2f}")
     console.print(table)
+    console.print("total: the higher of training and start-up")
+    console.print(f"host memory per rank while building its part of the model: {plan.host_startup_gib:,.2f} GiB")
     console.print(f"1F1B pipeline bubble: (p-1)/(m+p-1) = {plan.bubble_fraction:.3f}")
     if args.gpu_mem:
         capacity = parse_size(args.gpu_mem)

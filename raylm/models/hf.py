@@ -20,7 +20,7 @@ from raylm.configs.schema import ModelConfig
 from raylm.errors import UserError
 from raylm.files import read_json
 from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
-from raylm.models.weights import POINT_AT_WEIGHTS, check_shapes, read_safetensors
+from raylm.models.weights import POINT_AT_WEIGHTS, Location, check_shapes, header_shapes, read_safetensors
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -311,6 +311,14 @@ def load_hf_dir(directory: Union[str, Path], fix: str = POINT_AT_WEIGHTS) -> Tup
     state = from_hf_state_dict(hf_sd, cfg, source=str(directory))
     check_shapes({name: t.shape for name, t in state.items()}, cfg, str(directory), fix)
     return cfg, state
+
+
+def hf_weight_locations(directory: Path, cfg: ModelConfig, fix: str = POINT_AT_WEIGHTS) -> Dict[str, Location]:
+    """raylm weight name -> (shard file, Hugging Face key) in a Hugging Face Llama directory, from the headers alone."""
+    located: Dict[str, Location] = {}
+    for weights_file in hf_weight_files(directory):
+        located.update({key: (weights_file, key) for key in header_shapes(weights_file, fix)})
+    return from_hf_state_dict(located, cfg, source=str(directory))
 
 
 def hf_weight_files(directory: Path) -> List[Path]:

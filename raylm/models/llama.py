@@ -11,6 +11,7 @@ the pipeline stages and the Hugging Face adapter depend on them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import List, Optional, Tuple
 
@@ -51,10 +52,10 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_len, head_dim) in Hugging Face's rotate_half layout (frequencies repeated, not interleaved)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (head_dim/2,)
-    positions = torch.arange(max_len, dtype=torch.int64).float()
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))  # (head_dim/2,)
+    positions = torch.arange(max_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)  # (max_len, head_dim/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (max_len, head_dim)
     return angles.cos(), angles.sin()
@@ -153,9 +154,42 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _weight_seed(seed: int, name: str) -> int:
+    """A 64-bit generator seed for weight ``name`` of a model initialised from ``seed`` (stable across processes)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
+
+
+def init_weight_(cfg: ModelConfig, name: str, weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fill ``weight`` (the full tensor named ``name``) with its initial value; returns it.
+
+    Norms start at one; everything else is normal(0, init_std), the residual output projections
+    (``attention.wo``, ``feed_forward.w2``) with init_std / sqrt(2 n_layer) (GPT-2). Every weight
+    draws from its own generator seeded from (``seed``, ``name``), so any subset of the model can be
+    made alone with the values it has in the whole model. Training makes them on the CPU; a model
+    built on another device (to load weights into) draws from that device's generator, other values.
+    A tensor on ``meta`` is left as it is.
+    """
+    if weight.is_meta:
+        return weight
+    if name.endswith("norm.weight"):
+        return weight.fill_(1.0)
+    residual = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
+    generator = torch.Generator(device=weight.device).manual_seed(_weight_seed(seed, name))
+    return weight.normal_(0.0, std, generator=generator)
+
+
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder; ``seed`` picks the initial weights (``init_weight_``), drawn from torch's global generator when None.
+
+    Built under ``torch.device("meta")`` it has the weights' shapes only (the RoPE tables are
+    still real, on the CPU): parallel training gives each rank's weights their values later.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = None):
         super().__init__()
+        if seed is None:
+            seed = int(torch.randint(2**62, (), device="cpu"))
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -164,22 +198,17 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: derived from the config, so never part of a checkpoint.
-        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
+        device = self.norm.weight.device
+        cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, torch.device("cpu") if device.type == "meta" else device)
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("sin", sin, persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
-        """normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
-        for block in self.layers:
-            nn.init.normal_(block.attention.wo.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.feed_forward.w2.weight, mean=0.0, std=residual_std)
+    def reset_parameters(self, seed: int) -> None:
+        """Every weight (a tied one once, under the embedding's name) to its ``init_weight_`` value."""
+        with torch.no_grad():
+            for name, weight in self.named_parameters():
+                init_weight_(self.cfg, name, weight, seed)
 
     def rope(self, start_pos: int, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (seq_len, head_dim) for positions start_pos .. start_pos + seq_len - 1."""

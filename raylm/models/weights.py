@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -76,7 +76,7 @@ def read_safetensors(path: Path, fix: str) -> Dict[str, torch.Tensor]:
         raise _unreadable(path, err, fix) from None
 
 
-def _header_shapes(path: Path, fix: str) -> Dict[str, Tuple[int, ...]]:
+def header_shapes(path: Path, fix: str) -> Dict[str, Tuple[int, ...]]:
     """name -> shape from a safetensors header alone (it is checked against the file's size, no tensor is read)."""
     try:
         with safe_open(str(path), "pt") as handle:
@@ -112,13 +112,13 @@ def check_weights(path: Path, fix: str = POINT_AT_WEIGHTS) -> ModelConfig:
     if is_raylm_dir(path):
         if not (path / WEIGHTS).is_file():
             raise UserError(f"{path} has {CONFIG} but no {WEIGHTS}; {fix}")
-        shapes = _header_shapes(path / WEIGHTS, fix)
+        shapes = header_shapes(path / WEIGHTS, fix)
     else:
         from raylm.models.hf import from_hf_state_dict, hf_weight_files
 
         hf_shapes: Dict[str, Tuple[int, ...]] = {}
         for weights_file in hf_weight_files(path):
-            hf_shapes.update(_header_shapes(weights_file, fix))
+            hf_shapes.update(header_shapes(weights_file, fix))
         shapes = from_hf_state_dict(hf_shapes, cfg, source=str(path))
     check_shapes(shapes, cfg, str(path), fix)
     return cfg
@@ -133,6 +133,42 @@ def load_consolidated(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelCon
         state = with_tied_head(state, cfg)
     check_shapes({name: t.shape for name, t in state.items()}, cfg, str(path), fix)
     return cfg, state
+
+
+Location = Tuple[Path, str]
+"""Where one weight is stored: a safetensors file and the tensor's key in it."""
+
+
+def weight_locations(path: Path, fix: str = POINT_AT_WEIGHTS) -> Dict[str, Location]:
+    """raylm weight name -> its location in a raylm final/ or Hugging Face Llama directory (headers only are read;
+    a tied head is located at the embedding)."""
+    cfg = model_config_of(path, fix)
+    if not is_raylm_dir(path):
+        from raylm.models.hf import hf_weight_locations
+
+        return hf_weight_locations(path, cfg, fix)
+    return with_tied_head({key: (path / WEIGHTS, key) for key in header_shapes(path / WEIGHTS, fix)}, cfg)
+
+
+def read_part(location: Location, dim: Optional[int], index: int, parts: int) -> torch.Tensor:
+    """The stored tensor, or with ``dim`` only its ``index``-th of ``parts`` equal slices along ``dim``: just those bytes are read."""
+    path, key = location
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = handle.get_slice(key)
+            if dim is None:
+                part = stored[:]
+            else:
+                size = stored.get_shape()[dim]
+                if size % parts:
+                    raise ValueError(f"{key} in {path} has {size} entries along dimension {dim}, not a multiple of {parts}")
+                step = size // parts
+                part = stored[(slice(None),) * dim + (slice(index * step, (index + 1) * step),)]
+            # A copy out of the memory-mapped file: its pages, counted in this process's resident memory
+            # while mapped, are let go when the file closes (a column slice touches the whole tensor's).
+            return part.clone()
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err, POINT_AT_WEIGHTS) from None
 
 
 def load_any(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:

@@ -12,8 +12,8 @@ size; tensor and pipeline shards are ours). Next to it every checkpoint gets a
   raylm names (a tied output head is stored once, as the embedding);
 - ``optimizer.json``: Adam's step count and the learning-rate scheduler state.
 
-Loading builds the dense model from the ``param/`` weights (they become the
-fp32 masters), slices each moment for the new tensor rank and hands it to the
+Loading gives each rank its slice of the ``param/`` weights (they become the
+fp32 masters; ``layout_free_locations``), slices each moment for the new tensor rank and hands it to the
 new ZeRO partitioning through DeepSpeed's fragment API, so training continues
 as if the layout had never changed (same math, other summation order).
 """
@@ -29,9 +29,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raylm.models.weights import Location, read_part
 from raylm.parallelism.apply import ParallelModel
 from raylm.parallelism.masters import full_local, inner_optimizer, link_fragments, set_full_local, trainable_by_name
-from raylm.parallelism.reshard import gather_tp_tensor, tp_shard_of
+from raylm.parallelism.plan import split_dim_of
+from raylm.parallelism.reshard import gather_tp_tensor
 
 LAYOUT_FREE_DIR = "layout_free"
 OPTIMIZER_FILE = "optimizer.json"
@@ -66,16 +68,14 @@ def save_layout_free(engine, par: ParallelModel, out_dir: Path) -> None:
         (out_dir / OPTIMIZER_FILE).write_text(json.dumps(meta, indent=1))
 
 
-def read_layout_free_weights(src_dir: Path) -> Dict[str, torch.Tensor]:
-    """The dense fp32 master weights of a layout-free checkpoint (every stage file merged)."""
-    weights: Dict[str, torch.Tensor] = {}
-    prefix = f"{PARAM}/"
+def layout_free_locations(src_dir: Path, kind: str = PARAM) -> Dict[str, Location]:
+    """Dense name -> where a layout-free checkpoint stores that weight's fp32 master (or Adam moment ``kind``), from every stage file's header."""
+    located: Dict[str, Location] = {}
+    prefix = f"{kind}/"
     for path in sorted(src_dir.glob("stage_*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(prefix):
-                    weights[key[len(prefix):]] = handle.get_tensor(key)
-    return weights
+            located.update({key[len(prefix):]: (path, key) for key in handle.keys() if key.startswith(prefix)})
+    return located
 
 
 def _create_adam_state(engine, step: int) -> None:
@@ -94,22 +94,20 @@ def _create_adam_state(engine, step: int) -> None:
 def load_layout_free(engine, par: ParallelModel, src_dir: Path) -> int:
     """Fill a fresh engine's Adam moments and schedule from ``src_dir``; returns Adam's step.
 
-    The weights are already in place: the dense model was built from
-    ``read_layout_free_weights`` and its fp32 values became the masters
+    The weights are already in place: the rank's weights were read from
+    ``layout_free_locations`` and their fp32 values became the masters
     (``raylm.parallelism.masters.set_master_weights`` under bf16).
     """
     meta = json.loads((src_dir / OPTIMIZER_FILE).read_text())
     step = int(meta["adam_step"])
     _create_adam_state(engine, step)
-    handles = [safe_open(str(path), framework="pt") for path in sorted(src_dir.glob("stage_*.safetensors"))]
-    file_of = {key: handle for handle in handles for key in handle.keys()}
+    moments = {key: layout_free_locations(src_dir, key) for key in ADAM_MOMENTS}
     tp_rank, tp = par.groups.tp_rank, par.tp
     for name, param in trainable_by_name(par).items():
         for key in ADAM_MOMENTS:
-            stored = f"{key}/{name}"
-            if stored not in file_of:
-                raise ValueError(f"{src_dir} has no {stored}; it was written for another model")
-            set_full_local(engine, param, tp_shard_of(file_of[stored].get_tensor(stored), name, tp_rank, tp), key)
+            if name not in moments[key]:
+                raise ValueError(f"{src_dir} has no {key}/{name}; it was written for another model")
+            set_full_local(engine, param, read_part(moments[key][name], split_dim_of(name), tp_rank, tp), key)
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(meta["scheduler"])
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):

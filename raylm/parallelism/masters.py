@@ -19,6 +19,7 @@ from torch import nn
 
 from raylm.models.weights import TIED_HEAD
 from raylm.parallelism.apply import ParallelModel
+from raylm.parallelism.materialize import WeightSource
 from raylm.parallelism.reshard import gather_tp_tensor
 
 StateDict = Dict[str, torch.Tensor]
@@ -108,14 +109,19 @@ def set_full_local(engine, param: nn.Parameter, value: torch.Tensor, key: Option
 
 
 def fp32_weights(par: ParallelModel) -> StateDict:
-    """Copies of this rank's weights, taken before DeepSpeed rounds the module to bf16 (see ``set_master_weights``)."""
+    """Copies of this rank's trainable weights, taken before DeepSpeed rounds the module to bf16 (for weights
+    that no ``WeightSource`` can make again: a LoRA stage's freshly drawn adapters)."""
     return {name: param.detach().to(torch.float32, copy=True) for name, param in trainable_by_name(par).items()}
 
 
-def set_master_weights(engine, par: ParallelModel, weights: StateDict) -> None:
-    """Make the fp32 masters exactly ``weights`` (from ``fp32_weights``); DeepSpeed built them from the bf16 module."""
+def set_master_weights(engine, par: ParallelModel, weights: WeightSource) -> None:
+    """Make the fp32 masters exactly this rank's part of ``weights``; DeepSpeed built them from the bf16-rounded module.
+
+    Each weight is made again from its source, one at a time: a copy of them all kept from before
+    ``deepspeed.initialize`` would double the host memory of a rank's start-up.
+    """
     for name, param in trainable_by_name(par).items():
-        set_full_local(engine, param, weights[name], None)
+        set_full_local(engine, param, weights(name, par.groups.tp_rank, par.tp), None)
 
 
 def consolidated_state_dict(engine, par: ParallelModel) -> StateDict:

@@ -2,8 +2,11 @@
 
 The pipeline layers wrap the dense model's own submodules (already
 tensor-parallel where tp > 1), so a pipelined model starts from exactly the
-weights of the single-device one and every parameter keeps its dense name
-through ``dense_names``.
+weights of the single-device one and every parameter keeps its dense name.
+The model is laid out on ``meta``: a stage's weights get values
+(``raylm.parallelism.materialize``) before ``build_pipeline``, other stages'
+stay on ``meta``, so any code that would touch them (say, hand them to a
+collective) fails instead of reading stale values.
 """
 
 from __future__ import annotations
@@ -118,21 +121,26 @@ def build_pipeline(
     )
 
 
-def stage_names(dense: nn.Module, stage: nn.Module) -> Set[str]:
-    """Dense state-dict names of the weights held by this pipeline stage (tied names included)."""
-    held = {id(p) for p in stage.parameters()}
+def _names_held(dense: nn.Module, modules: List[nn.Module]) -> Set[str]:
+    held = {id(p) for module in modules for p in module.parameters()}
     return {name for name, tensor in dense.state_dict(keep_vars=True).items() if id(tensor) in held}
 
 
-def release_other_stages(dense: nn.Module, stage: nn.Module) -> None:
-    """Move the dense model's weights that ``stage`` does not hold to ``meta``: they are never trained or read here.
+def planned_stage_names(model: nn.Module, tied: bool, pp: int, stage: int) -> Set[str]:
+    """Dense names of the weights pipeline stage ``stage`` will hold, before anything is built.
 
-    Every rank built the whole dense model; afterwards a stage keeps only its
-    own weights in memory, and any code that would still touch another
-    stage's (say, hand it to a collective) fails instead of reading stale values.
+    The same split as ``build_pipeline``'s ``partition_method="parameters"``: DeepSpeed's
+    ``partition_balanced`` over each layer's trainable parameter count (its ``_count_layer_params``).
+    The layers only wrap ``model``'s submodules, so this works on ``meta`` and costs nothing.
     """
-    held = {id(p) for p in stage.parameters()}
-    for module in dense.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if id(param) not in held:
-                setattr(module, name, nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+    from deepspeed.runtime.utils import partition_balanced
+
+    layers = [spec.build() for spec in pipeline_specs(model, tied)]
+    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    parts = partition_balanced(weights=counts, num_parts=pp)
+    return _names_held(model, layers[parts[stage] : parts[stage + 1]])
+
+
+def stage_names(dense: nn.Module, stage: nn.Module) -> Set[str]:
+    """Dense state-dict names of the weights held by this pipeline stage (tied names included)."""
+    return _names_held(dense, [stage])

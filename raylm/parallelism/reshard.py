@@ -18,9 +18,9 @@ StateDict = Dict[str, torch.Tensor]
 
 
 def tp_shard_of(dense: torch.Tensor, dense_name: str, tp_rank: int, tp: int, plan: Mapping[str, str] = LLAMA_TP_PLAN) -> torch.Tensor:
-    """Tensor rank ``tp_rank``'s slice of one dense entry (a copy, not a view); the entry itself where the plan does not split it."""
+    """Tensor rank ``tp_rank``'s slice of one dense entry (a copy, not a view); the entry itself where the plan does not split it or tp is 1."""
     dim = split_dim_of(dense_name, plan)
-    if dim is None:
+    if dim is None or tp == 1:
         return dense
     if dense.size(dim) % tp:
         raise ValueError(f"{dense_name} of shape {tuple(dense.shape)} does not split into {tp} equal shards along dimension {dim}")

@@ -39,11 +39,12 @@ from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.models.flops import flops_per_token, lora_flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
-from raylm.models.lora import ADAPTER_DIR, add_lora, load_adapters, merged_weights, save_peft_adapter
-from raylm.models.weights import check_weights, load_any, save_consolidated
+from raylm.models.lora import ADAPTER_DIR, adapter_weights, add_lora, load_adapters, merged_weights, save_peft_adapter
+from raylm.models.weights import check_weights, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
 from raylm.parallelism.apply import ParallelModel, build_parallel_model
-from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, load_layout_free, read_layout_free_weights, save_layout_free
+from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
+from raylm.parallelism.materialize import WeightSource, fresh_weights, materialize, stored_weights
 from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
@@ -66,33 +67,37 @@ def check_init_weights(cfg: RunConfig, init_path: Path) -> None:
         raise UserError(f"weights in {init_path} do not fit this config ({', '.join(differing)}); make model.* match them")
 
 
-def build_dense_model(cfg: RunConfig, init_path: Optional[Path], weights: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
-    """The full model on every rank: fresh, from ``init_path``, or from ``weights`` (dense names; a resharded resume)."""
-    torch.manual_seed(cfg.train.seed)
-    model = Llama(cfg.model)
-    if weights is not None:
-        missing = {name for name, _ in model.named_parameters()} - weights.keys()
-        if missing:
-            raise ValueError(f"the layout-free checkpoint lacks {sorted(missing)}")
-        model.load_state_dict(weights, strict=False)  # a tied head and buffers are not stored
-    elif init_path is not None:
-        check_init_weights(cfg, init_path)
-        model.load_state_dict(load_any(init_path)[1])
+def initial_weight_source(cfg: RunConfig, init_path: Optional[Path]) -> WeightSource:
+    """Where a stage's weights come from unless it reshards a checkpoint: ``init_path`` (checked against
+    ``cfg.model`` first; each rank reads only its slices), else the seed."""
+    if init_path is None:
+        return fresh_weights(cfg.model, cfg.train.seed)
+    check_init_weights(cfg, init_path)
+    return stored_weights(weight_locations(init_path), str(init_path))
+
+
+def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
+    """The whole model in one process, from the source every rank of every layout takes its parts from
+    (``initial_weight_source``): a LoRA stage's frozen base, and what its adapters are merged into."""
+    with torch.device("meta"):
+        model = Llama(cfg.model, cfg.train.seed)
+    materialize(model, {name for name, _ in model.named_parameters()}, initial_weight_source(cfg, init_path), 0, 1)
     return model
 
 
 def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Optional[Path],
-                      trained: Optional[Dict[str, torch.Tensor]] = None) -> Llama:
-    """The model a stage trains: the dense model, or (with ``lora``) its frozen base from ``init_path`` with adapters.
-
-    ``trained`` are a resharded resume's trainable weights: every weight, or under LoRA the adapters alone.
+                      trained: Optional[WeightSource] = None) -> Llama:
+    """The model a stage trains: laid out on ``meta``, each rank giving only its own weights values
+    (``build_parallel_model``); or, with ``lora`` (one whole model per rank), the frozen base from
+    ``init_path`` with adapters, those of a resharded resume read from ``trained``.
     """
     if lora is None:
-        return build_dense_model(cfg, init_path, trained)
+        with torch.device("meta"):
+            return Llama(cfg.model, cfg.train.seed)
     model = build_dense_model(cfg, init_path)
     add_lora(model, lora, cfg.train.seed)
     if trained is not None:
-        load_adapters(model, trained)
+        load_adapters(model, {name: trained(name, 0, 1) for name in adapter_weights(model.state_dict())})
     # Checkpoints save the module's state_dict: here the adapters alone. (DeepSpeed's exclude_frozen_parameters
     # matches named_parameters' names, which miss a tied head and differ under activation checkpointing's wrapper.)
     frozen = [name for name, tensor in model.state_dict(keep_vars=True).items() if not tensor.requires_grad]
@@ -149,13 +154,15 @@ class StageTrainer:
         if self.reshard:
             self.session.fetch(self.resume_from, lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/"))
         self.init_path = initial_weights(run_dir, self.run, stage_index)
-        dense = build_stage_model(self.cfg, self.lora, self.init_path, self._layout_free_weights() if self.reshard else None)
-        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size)
+        weights = self._weight_source(self.init_path)
+        torch.manual_seed(self.cfg.train.seed)
+        dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None)
+        self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.phases.mark("model")
-        self.engine = self._build_engine()
+        self.engine = self._build_engine(weights)
         self.phases.mark("deepspeed_initialize")
         self.seq_len = self.cfg.model.max_seq_len
         if self.lora is None:
@@ -169,7 +176,7 @@ class StageTrainer:
         # heartbeat goes here rather than where batches are read.
         self.par.module.register_forward_pre_hook(lambda *_: self.watchdog.beat())
 
-    def _build_engine(self):
+    def _build_engine(self, weights: WeightSource):
         import deepspeed
 
         o = self.cfg.optim
@@ -186,7 +193,7 @@ class StageTrainer:
         )
         max_steps = self.cfg.train.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
-        weights = fp32_weights(self.par) if self.bf16 else None
+        adapters = fp32_weights(self.par) if self.bf16 and self.lora is not None else None
         engine, _, _, _ = deepspeed.initialize(
             model=self.par.module.to(self.ctx.device),
             optimizer=optimizer,
@@ -194,10 +201,11 @@ class StageTrainer:
             config=deepspeed_config(self.cfg, self.dp_size, self.bf16),
             mpu=self.par.mpu,
         )
-        if weights is not None:
-            # DeepSpeed made its fp32 masters from the bf16-rounded module; a
-            # stage starting from given (or seeded) weights starts from them exactly.
-            set_master_weights(engine, self.par, weights)
+        if self.bf16:
+            # DeepSpeed made its fp32 masters from the bf16-rounded module; a stage starting from given (or
+            # seeded) weights starts from them exactly: made again from their source, or, for LoRA's few
+            # adapter weights (drawn in add_lora), copied before.
+            set_master_weights(engine, self.par, weights if adapters is None else lambda name, tp_rank, tp: adapters[name])
         return engine
 
     # ----------------------------------------------------------------- logging
@@ -227,14 +235,20 @@ class StageTrainer:
         dist.broadcast_object_list(chosen, src=0)
         return Path(chosen[0]) if chosen[0] is not None else None
 
-    def _layout_free_weights(self) -> Dict[str, torch.Tensor]:
-        source = self.resume_from / LAYOUT_FREE_DIR
-        if not (source / OPTIMIZER_FILE).is_file():
-            raise UserError(
-                f"checkpoint {self.resume_from} was written with {self.saved.layout()} and has no {LAYOUT_FREE_DIR}/ copy, "
-                f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
-            )
-        return read_layout_free_weights(source)
+    def _weight_source(self, init_path: Optional[Path]) -> WeightSource:
+        """Where this rank's weights come from: a resharded checkpoint's layout-free copy, the stage's initial weights, or the seed.
+
+        A resume in the same layout starts from the seed too; DeepSpeed's own checkpoint overwrites every weight.
+        """
+        if self.reshard:
+            source = self.resume_from / LAYOUT_FREE_DIR
+            if not (source / OPTIMIZER_FILE).is_file():
+                raise UserError(
+                    f"checkpoint {self.resume_from} was written with {self.saved.layout()} and has no {LAYOUT_FREE_DIR}/ copy, "
+                    f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
+                )
+            return stored_weights(layout_free_locations(source), f"the layout-free checkpoint {source}")
+        return initial_weight_source(self.cfg, init_path)
 
     def resume(self) -> None:
         """Continue from the chosen checkpoint: DeepSpeed's own shards when the layout is the same, else the layout-free copy."""
