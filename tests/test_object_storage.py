@@ -44,7 +44,10 @@ def scratch(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def env(scratch) -> dict:
     """What the driver and both nodes run with: the S3 credentials, and a node-local cache under the hidden scratch."""
-    return {**os.environ, "RAYLM_CACHE": str(scratch / "cache"), "WANDB_MODE": "offline"}
+    # Without the embedded cluster's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set in this process when the session's
+    # cluster started), which would keep 'ray start' from joining a worker node.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    return {**inherited, "RAYLM_CACHE": str(scratch / "cache"), "WANDB_MODE": "offline"}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,8 @@ def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpo
     assert status.returncode == 0 and "finished" in status.stdout and "sft" in status.stdout, status.stdout + status.stderr
     generated = cli("generate", run_uri, "--prompt", "The", "--max-new-tokens", "4")
     assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
+    evaluated = cli("eval", run_uri, "--stage", "pretrain", "--max-batches", "2")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout.strip().splitlines()[-1])["stage"] == "pretrain", evaluated.stderr
     exported = cli("export", run_uri, "--format", "hf", "--out", str(local / "hf"))
     assert exported.returncode == 0, exported.stderr
     assert (local / "hf" / "model.safetensors").is_file() and (local / "hf" / "tokenizer_config.json").is_file()
