@@ -69,7 +69,11 @@ class RaySession:
                                "seconds": seconds})
 
     def publish(self, run_dir: Path, rel: str) -> None:
-        storage.push_tree(run_dir, rel) if (run_dir / rel).is_dir() else storage.push(run_dir, rel)
+        """A directory goes up with its contents file (other machines fetch it by content), a file as it is."""
+        if (run_dir / rel).is_dir():
+            storage.push_tree(run_dir, rel)
+        else:
+            storage.push(run_dir, rel)
 
     def staging_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
