@@ -76,11 +76,10 @@ def check_init_from(run: RunConfig) -> None:
 
 
 def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> StageData:
-    name = run.stages[index].name
-    with console.status(f"[{name}] preparing tokenizer and data from {resolve_stage(run, index).data.source}"):
+    name, source = run.stages[index].name, resolve_stage(run, index).data.source
+    with console.status(f"[{name}] preparing tokenizer and data from {source}"):
         data = prepare_stage_data(run_dir, run, index)
     if storage.store_of(run_dir) is not None:
-        source = resolve_stage(run, index).data.source
         with console.status(f"[{name}] uploading what the stage reads to {storage.where(run_dir)}"):
             stage_inputs(run_dir, run, index, Path(source).expanduser() if is_prepared(source) else None)
     return data

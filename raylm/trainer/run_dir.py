@@ -33,27 +33,32 @@ def fresh_name(prefix: str, taken: Callable[[str], bool]) -> str:
     return name
 
 
+def _writable_store(runs_dir: str) -> storage.Store:
+    store = storage.open_store(runs_dir)
+    storage.check_writable(store)
+    return store
+
+
 def name_taken(runs_dir: str) -> Callable[[str], bool]:
     """Whether a run name is in use under ``runs_dir`` (a directory or a store, which is probed first)."""
     if storage.is_uri(runs_dir):
-        store = storage.open_store(runs_dir)
-        storage.check_writable(store)
-        return store.is_dir
+        return _writable_store(runs_dir).is_dir
     return lambda name: (Path(runs_dir) / name).exists()
 
 
 def reserve(run: RunConfig, prefix: str) -> Path:
     """Name the run (fresh unless given) and refuse a name already taken or a runs_dir that cannot hold it;
     the run's directory (for a run in object storage, this machine's view of it)."""
-    taken = name_taken(run.runs_dir)
-    if run.name is None:
-        run.name = fresh_name(prefix, taken)
     if storage.is_uri(run.runs_dir):
-        store = storage.open_store(run.runs_dir)
-        if taken(run.name):
+        store = _writable_store(run.runs_dir)
+        if run.name is None:
+            run.name = fresh_name(prefix, store.is_dir)
+        if store.is_dir(run.name):
             raise UserError(f"run '{run.name}' already exists in {store.display()}; continue it with "
                             f"'raylm resume {store.display(run.name)}' or pick another --name")
         return storage.view_of(store.child(run.name))
+    if run.name is None:
+        run.name = fresh_name(prefix, name_taken(run.runs_dir))
     runs_dir = Path(run.runs_dir)
     run_dir = (runs_dir / run.name).resolve()
     if run_dir.exists():
@@ -68,7 +73,10 @@ def reserve(run: RunConfig, prefix: str) -> Path:
 
 def create(run: RunConfig, prefix: str) -> Path:
     """Make ``runs_dir/<name>`` and save the resolved config; never reuse a name."""
-    run_dir = reserve(run, prefix)
+    return _make(reserve(run, prefix), run)
+
+
+def _make(run_dir: Path, run: RunConfig) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=storage.store_of(run_dir) is not None)
     except OSError as err:
@@ -83,7 +91,7 @@ def created(run: RunConfig, prefix: str) -> Iterator[Path]:
     resumable exists: a failed launch leaves nothing behind, not even an empty runs_dir."""
     run_dir = reserve(run, prefix)
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    create(run, prefix)
+    _make(run_dir, run)
     try:
         yield run_dir
     except UserError:
