@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -81,10 +82,10 @@ BF16_OPTIMIZERS = {0: "BF16_Optimizer", 1: "BF16_Optimizer", 2: "DeepSpeedZeroOp
 def _build_bf16_engines(rank: int, world_size: int) -> None:
     import deepspeed
 
-    from raylm.trainer.device import _disable_deepspeed_shm_allreduce
+    from raylm.trainer.device import _skip_deepspeed_start_up_work
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    _disable_deepspeed_shm_allreduce()
+    _skip_deepspeed_start_up_work()
     deepspeed.init_distributed(dist_backend="gloo")
     for zero_stage, optimizer in BF16_OPTIMIZERS.items():
         run = load_config("tiny", [f"parallel.zero_stage={zero_stage}", "cluster.num_workers=1", "train.global_batch_size=4"])
@@ -98,10 +99,14 @@ def _build_bf16_engines(rank: int, world_size: int) -> None:
             engine.backward(engine(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean())
             engine.step()
         assert engine.global_steps == 1, zero_stage
+    # Every ZeRO/bf16 optimizer imported DeepSpeed's Muon module; its torch.compile wrappers waited for a first call.
+    assert "deepspeed.runtime.zero.muon.original_muon" in sys.modules
+    assert "torch._inductor.compile_fx" not in sys.modules
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_deepspeed_takes_the_bf16_config():
-    """DeepSpeed itself builds and steps every ZeRO stage from it (its ZeRO-0 refuses fp32 accumulation under bf16)."""
+    """DeepSpeed itself builds and steps every ZeRO stage from it (its ZeRO-0 refuses fp32 accumulation under bf16),
+    without importing torch's inductor for its Muon optimizer (seconds of every rank's start-up)."""
     run_on_gloo(_build_bf16_engines, 1)

@@ -6,10 +6,12 @@ at LOCAL_RANK under torchrun) and passes it in; no Ray import here.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, List
 
 import numpy as np
 import torch
@@ -54,20 +56,40 @@ def init_distributed(run: RunConfig, device: torch.device) -> DistContext:
             timeout=timedelta(seconds=run.fault.hang_timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
-    _disable_deepspeed_shm_allreduce()
+    _skip_deepspeed_start_up_work()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def _disable_deepspeed_shm_allreduce() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes on
-    a small machine) that only its inference path uses; training collectives go
-    through our gloo group either way."""
+def _skip_deepspeed_start_up_work() -> None:
+    """Two things DeepSpeed does at start-up for features raylm's training never uses:
+
+    - its CPU backend JIT-compiles a shared-memory all-reduce (minutes on a small machine) that only
+      its inference path uses; training collectives go through our gloo group either way;
+    - its ZeRO and bf16 optimizers import its Muon module to check the optimizer's type, and that
+      module wraps three functions in ``torch.compile`` at import, which imports torch's inductor:
+      2-3 s per rank and stage (measured on 2 cores). raylm hands DeepSpeed torch's AdamW, so those
+      functions are compiled on their first call instead, if anything ever calls them.
+    """
     import deepspeed.ops
+    from deepspeed.runtime import compiler
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compiler.compile = lambda: _compile_on_first_call
+
+
+def _compile_on_first_call(fn: Callable) -> Callable:
+    compiled: List[Callable] = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not compiled:
+            compiled.append(torch.compile(fn))
+        return compiled[0](*args, **kwargs)
+
+    return call
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
