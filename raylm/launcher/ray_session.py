@@ -12,7 +12,7 @@ from typing import Callable, List, Optional
 import ray.train
 
 from raylm import storage
-from raylm.trainer.checkpoint import MANIFEST, registered_by_ray, step_dir_name, step_dirs, verify
+from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
 from raylm.trainer.session import newest_first_unique
 from raylm.trainer.stored_checkpoints import fetch_stored, stored_steps, verify_stored
 
@@ -84,25 +84,18 @@ class RaySession:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
         shutil.rmtree(staging, ignore_errors=True)
         if ray.train.get_context().get_world_rank() == 0:
-            self._prune_unregistered()
+            self._prune()
 
-    def _prune_unregistered(self) -> None:
-        """Ray Train deletes the checkpoints it registered beyond ``keep_last``; one that was complete
-        when its worker group failed is never registered, so never deleted. Older than the newest
-        ``keep_last`` complete ones and unknown to Ray, it goes here."""
-        registered = registered_by_ray(self.stage_dir, self.store)
-        if registered is None:
-            return
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; every rank's files of this one are in storage once
+        ``report`` returns. (Ray Train keeps every checkpoint it registered: see ``raylm.launcher.trainer``.)"""
         if self.store is None:
-            complete = [path.name for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()]
-        else:
-            complete = [name for name in stored_steps(self.store, self.stage) if self.store.is_file(f"{self.stage}/{name}/{MANIFEST}")]
+            for old in [path for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()][self.keep_last :]:
+                shutil.rmtree(old, ignore_errors=True)
+            return
+        complete = [name for name in stored_steps(self.store, self.stage) if self.store.is_file(f"{self.stage}/{name}/{MANIFEST}")]
         for old in complete[self.keep_last :]:
-            if old not in registered:
-                if self.store is None:
-                    shutil.rmtree(self.stage_dir / old, ignore_errors=True)
-                else:
-                    self.store.delete_dir(f"{self.stage}/{old}")
+            self.store.delete_dir(f"{self.stage}/{old}")
 
     def close(self, step: int) -> None:
         """One last report: it releases the ranks an elastic restart left without work (they wait in ``report``)."""

@@ -24,7 +24,7 @@ from raylm.data.prepare import is_prepared
 from raylm.trainer.run_inputs import stage_inputs
 from raylm.trainer.stage_data import StageData, prepare_stage_data
 from raylm.trainer.worker import check_init_weights
-from raylm.trainer.checkpoint import RAY_SNAPSHOT, registered_by_ray
+from raylm.trainer.checkpoint import RAY_SNAPSHOT
 from raylm.trainer.metrics import WANDB_ID_FILE
 from raylm.trainer.layout import DRIVER_FILE, LOGS_DIR, METRICS_FILE, STAGE_SUMMARY, SUMMARY_FILE, WANDB_DIR
 
@@ -37,20 +37,15 @@ def _worker_error_message(err: BaseException) -> str:
     return ""
 
 
-def _set_aside_stale_ray_snapshot(stage_dir: Path, console: Console) -> None:
-    """Ray Train refuses to restore a run whose snapshot lists a checkpoint directory that is gone
-    (deleted by hand, say, after raylm warned it was incomplete). raylm resumes from the
-    ``step_*`` directories in the run either way, so such a snapshot is moved aside."""
+def _forget_ray_snapshot(stage_dir: Path) -> None:
+    """Ray Train restores a run from its snapshot of registered checkpoints, and refuses one that names a directory
+    raylm has since pruned. raylm resumes from the ``step_*`` directories and their manifests alone, so each
+    fit starts Ray's record afresh."""
     store = storage.store_of(stage_dir.parent)
-    is_dir = (lambda name: store.is_dir(f"{stage_dir.name}/{name}")) if store else (lambda name: (stage_dir / name).is_dir())
-    missing = [name for name in registered_by_ray(stage_dir, store) or [] if not is_dir(name)]
-    if missing:
-        if store is None:
-            (stage_dir / RAY_SNAPSHOT).replace(stage_dir / (RAY_SNAPSHOT + ".stale"))
-        else:
-            store.fs.move(store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}"), store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}.stale"))
-        console.print(f"  [yellow]warning[/]: Ray's record of {stage_dir.name} lists removed checkpoint(s) {', '.join(missing)}; "
-                      "set it aside and resuming from the checkpoints on disk")
+    if store is None:
+        (stage_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    elif store.is_file(f"{stage_dir.name}/{RAY_SNAPSHOT}"):
+        store.fs.delete_file(store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}"))
 
 
 def _placement(cfg: RunConfig, info: ClusterInfo) -> Tuple[bool, str]:
@@ -110,7 +105,7 @@ def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, cons
         f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
         f"{workers} on {'GPU' if use_gpu else 'CPU'}"
     )
-    _set_aside_stale_ray_snapshot(run_dir / stage.name, console)
+    _forget_ray_snapshot(run_dir / stage.name)
     relay = start_relay()
     progress = StageProgress(stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress)
     pump = RecordPump(relay, run_dir, run.name or run_dir.name, stage.name, cfg, progress)

@@ -58,6 +58,8 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
             storage_path=store.root if store else str(run_dir),
             storage_filesystem=store.fs if store else None,
             failure_config=FailureConfig(max_failures=stage_cfg.fault.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=stage_cfg.train.keep_last),
+            # raylm prunes checkpoints itself (RaySession.commit): after a resume from an older checkpoint Ray would
+            # register a redone step twice under one directory name and, pruning, delete the new one.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )

@@ -3,7 +3,7 @@
 A checkpoint directory holds DeepSpeed's files under ``deepspeed/`` (readable
 by the same layout only), the layout-free copy of the training state under
 ``layout_free/`` (see ``raylm.parallelism.layout_free``), each rank's RNG
-states and ``manifest.json``. The manifest
+states, rank 0's metrics records so far and ``manifest.json``. The manifest
 (step, layout, consumed samples, every file's size and sha256) is written
 after every rank has finished its files; a directory without a manifest, or
 whose files disagree with it, is incomplete and never loaded. DeepSpeed's own
@@ -24,6 +24,8 @@ from raylm.files import sha256_of
 MANIFEST = "manifest.json"
 DEEPSPEED_TAG = "deepspeed"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+RECORDS_FILE = "records.jsonl"
+"""Rank 0's metrics records of the stage up to the checkpoint's step (see ``StageTrainer.replay_records``)."""
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's own record of a stage's registered checkpoints."""
 
@@ -125,12 +127,3 @@ def step_dirs(stage_dir: Path) -> List[Path]:
     found = [(int(m.group(1)), p) for p in stage_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
-
-def registered_by_ray(stage_dir: Path, store=None) -> Optional[List[str]]:
-    """Checkpoint directory names Ray Train's snapshot of the stage lists (None without a readable snapshot);
-    read from ``store`` (a ``raylm.storage.Store`` of the run) when the run lives there."""
-    try:
-        text = store.read_bytes(f"{stage_dir.name}/{RAY_SNAPSHOT}") if store is not None else (stage_dir / RAY_SNAPSHOT).read_text()
-        return [entry["checkpoint_dir_name"] for entry in json.loads(text)["checkpoint_results"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

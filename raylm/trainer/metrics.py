@@ -47,6 +47,11 @@ def restart_event(earlier: List[Dict[str, Any]], stage: str, resumed_step: int, 
             "steps_lost": max(0, reached - resumed_step), "world_size": world_size}
 
 
+def record_key(record: Dict[str, Any]) -> tuple:
+    """What makes a record the same record when it comes twice (a replay after a restart)."""
+    return record.get("stage"), record.get("kind"), record.get("step"), record.get("event")
+
+
 class MetricsFile:
     def __init__(self, path: Path):
         self.path = path

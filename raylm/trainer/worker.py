@@ -24,7 +24,7 @@ from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.storage import where
-from raylm.trainer.checkpoint import DEEPSPEED_TAG, TrainerState, describe_files, read_state, write_manifest
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, describe_files, read_state, write_manifest
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state, use_bf16
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
@@ -136,6 +136,9 @@ class StageTrainer:
             else None
         )
 
+        # Every record rank 0 logged in this stage, also before a restart; each checkpoint keeps them (a few hundred
+        # bytes per logged step) so a resume can hand the driver those it never received.
+        self.history: List[Dict] = []
         self.phases.mark("process_group")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         self.phases.mark("data")
@@ -213,6 +216,8 @@ class StageTrainer:
         if not self.is_logger:
             return
         record = {"time": round(time.time(), 3), "stage": self.stage.name, **record}
+        if record["kind"] != "start":
+            self.history.append(record)
         if self.metrics is not None:
             self.metrics.write(record)
         if self.wandb is not None:
@@ -270,7 +275,24 @@ class StageTrainer:
                 raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
             set_rng_state(torch.load(path / f"rng_rank{self.ctx.rank:05d}.pt", weights_only=False), self.ctx.device)
         self.state = replace(self.state, step=saved.step, consumed_samples=saved.consumed_samples, tokens_seen=saved.tokens_seen)
+        self.replay_records(path)
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
+
+    def replay_records(self, checkpoint: Path) -> None:
+        """Take back the stage's records up to ``checkpoint`` and, where a launcher keeps them (Ray's driver), send
+        them again marked ``replayed``: a driver that died took with it what it had not written yet, possibly
+        steps before this checkpoint, which no rank redoes. The launcher keeps those it lacks.
+        (A checkpoint written before raylm kept records has none to give back.)"""
+        if not self.is_logger:
+            return
+        self.session.fetch(checkpoint, lambda rel: rel == RECORDS_FILE)
+        if not (checkpoint / RECORDS_FILE).is_file():
+            return
+        kept = read_records(checkpoint / RECORDS_FILE)
+        self.history = kept + self.history
+        if not self.session.owns_metrics:
+            for record in kept:
+                self.session.record({**record, "replayed": True})
 
     def _log_restart(self, resumed_step: int) -> None:
         """After a failure: which step the stage restarts from and how many steps were lost (a launcher that
@@ -292,6 +314,8 @@ class StageTrainer:
         self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
         torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
+        if self.is_logger:
+            (staging / RECORDS_FILE).write_text("".join(json.dumps(record) + "\n" for record in self.history))
         dist.barrier()
         if self.session.shared_staging:
             files = describe_files(staging) if self.ctx.rank == 0 else {}
