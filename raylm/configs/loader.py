@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from raylm.configs.schema import STAGE_SECTIONS, ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import STAGE_SECTIONS, DataConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.files import read_text
 
@@ -267,6 +267,8 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
         override = getattr(stage, section)
         if override:
             check_shape(override, typing.get_type_hints(RunConfig)[section], f"stages.{index}.{section}", f"stage '{stage.name}'")
+            if section == "data":
+                _drop_inherited_corpus(base.data, override)
             try:
                 merged = OmegaConf.merge(base[section], override)
             except OmegaConfBaseException as err:
@@ -276,6 +278,15 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
                 ) from None
             base[section] = merged
     return to_run_config(base)
+
+
+def _drop_inherited_corpus(data: DictConfig, override: dict) -> None:
+    """A stage that names its corpus (``data.source`` or ``data.sources``) does not also inherit the run's other one:
+    ``data.sources`` on the run and ``data: {source: ...}`` on an sft stage mean that stage reads its own source."""
+    if "source" in override and "sources" not in override:
+        data.sources = None
+    elif "sources" in override and "source" not in override:
+        data.source = DataConfig().source
 
 
 def dump_nested(cfg: Any) -> Any:
