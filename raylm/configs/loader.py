@@ -120,7 +120,9 @@ def check_shape(value: Any, annotation: Any, key: str, origin: str) -> None:
                 check_shape(item, hints[name], f"{key}.{name}" if key else str(name), origin)
     elif typing.get_origin(annotation) is list:
         if not isinstance(value, list):
-            raise UserError(f"{origin}: '{key}' must be a list (e.g. {key}=[{{name: pretrain, kind: pretrain}}]), found {_found(value)}")
+            item = typing.get_args(annotation)[0]
+            example = "{" + ", ".join(f"{f.name}: ..." for f in fields(item)[:2]) + "}" if is_dataclass(item) else "..."
+            raise UserError(f"{origin}: '{key}' must be a list (e.g. {key}=[{example}, ...]), found {_found(value)}")
         for index, item in enumerate(value):
             check_shape(item, typing.get_args(annotation)[0], f"{key}.{index}", origin)
     elif typing.get_origin(annotation) is dict:

@@ -65,6 +65,10 @@ class DataConfig:
         "tokenized with the run's one tokenizer and each draws its weight's share of every prefix of the training stream "
         "(off by less than one sample); a small source repeats, reshuffled each pass. null reads data.source.",
     )
+
+    def corpora(self) -> List[str]:
+        """The corpora a stage reads: data.sources' paths, else data.source."""
+        return [s.path for s in self.sources] if self.sources is not None else [self.source]
     text_field: str = _f("text", "Field (JSONL) or column (Parquet, Arrow) holding the text.")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
     val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")

@@ -131,9 +131,10 @@ def _mixture_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path,
         tokenizer = train_tokenizer(sample, data_cfg.tokenizer, model_cfg.vocab_size)
     splits: Dict[int, Tuple[PackedTokens, PackedTokens]] = {}
     for k in first_to_last:
-        path = sources[k].path
+        path, source_dir = sources[k].path, _source_dir(out_dir, sources[k].path)
+        source_dir.mkdir(parents=True, exist_ok=True)
         with _named(f"data.sources.{k}.path"):
-            train, val, tokenizer = _pretrain_splits(replace(data_cfg, source=path, sources=None), model_cfg, _source_dir(out_dir, path), seed, tokenizer)
+            train, val, tokenizer = _pretrain_splits(replace(data_cfg, source=path, sources=None), model_cfg, source_dir, seed, tokenizer)
         splits[k] = (train, val)
     # Written only when they change: the ranks of a launch on a shared disk all pass here.
     if saved is None or saved.fingerprint != tokenizer.fingerprint:
@@ -142,6 +143,12 @@ def _mixture_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path,
     if read_meta(out_dir, MIXTURE_FILE) != record:
         write_meta(out_dir, record, name=MIXTURE_FILE)
     return (*_mixture(out_dir, model_cfg, [splits[k] for k in range(len(sources))]), tokenizer)
+
+
+def prepared_mixture_sources(data_cfg: DataConfig, out_dir: Path) -> List[Tuple[Path, Path]]:
+    """(prepared dataset, the directory of ``out_dir`` its shards and manifest are read from when the sources are
+    out of reach) of each source of a mixture made by ``raylm data prepare``."""
+    return [(Path(s.path).expanduser(), _source_dir(out_dir, s.path)) for s in data_cfg.sources or [] if is_prepared(s.path)]
 
 
 def _mixture(out_dir: Path, model_cfg: ModelConfig, splits: List[Tuple[PackedTokens, PackedTokens]]) -> Tuple[MixedTokens, BlendedSamples]:

@@ -54,6 +54,8 @@ CHUNK = 1 << 20
 """Positions computed between two writes to the memory-mapped files."""
 ROUNDING = 1e-6
 """Slack for float rounding of ``w_i t`` (below 1e-7 for any stream under 10^9 positions)."""
+TIE = 1e-13
+"""Deadlines this close (relatively) are equal: 0.7 and 0.3 are not exact in binary, their ties should still go to the lower index."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def interleave(weights: Sequence[float], source_ids: np.ndarray, positions: np.n
             for i in active:
                 if shares[i] * t - counts[i] >= release:
                     deadline = (counts[i] + slack) / shares[i]
-                    if deadline < earliest:
+                    if deadline < earliest * (1 - TIE):
                         chosen, earliest = i, deadline
             chunk_ids.append(chosen)
             chunk_positions.append(counts[chosen])
