@@ -51,6 +51,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, fragment):
     assert not (tmp_path / "runs").exists()
 
 
+PYDOC = "{path: 'builtin:pydoc', weight: 0.7}"
+WEB = "{path: web.jsonl, weight: 0.3}"
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ([f"data.sources=[{PYDOC}, {{path: web.jsonl, weight: -0.3}}]"], "data.sources.1.weight=-0.3 must be a number >= 0"),
+        (["data.sources=[{path: 'builtin:pydoc', weight: 0}, {path: web.jsonl, weight: 0}]"], "data.sources: every weight is 0; give at least one"),
+        (["data.sources=[]"], "data.sources is empty; list sources as [{path: ..., weight: ...}, ...]"),
+        (["data.source=web.jsonl", f"data.sources=[{PYDOC}, {WEB}]"], "data.source='web.jsonl' and data.sources are both set; keep one"),
+        ([f"data.sources=[{PYDOC}, {{path: missing.jsonl, weight: 0.3}}]"], "data.sources.1.path='missing.jsonl': no such file, directory or glob"),
+        ([f"data.sources=[{PYDOC}, {WEB}, {{path: web.jsonl, weight: 1}}]"], "data.sources.2.path='web.jsonl' is listed twice"),
+        (["stages.0.data={sources: [{path: 'builtin:pydoc', weight: -1}]}"], "stage 'pretrain': stages.0.data.sources.0.weight=-1.0 must be"),
+        ([f"stages=[{{name: pretrain, kind: pretrain}}, {{name: sft, kind: sft, data: {{sources: [{PYDOC}]}}}}]"],
+         "stage 'sft': stages.1.data.sources mixes pretraining corpora but this stage is sft; give it one data.source"),
+        ([f"stages.1.data.sources=[{PYDOC}]"], "stage 'sft': data.source='builtin:pydoc-sft' and stages.1.data.sources are both set"),
+    ],
+)
+def test_a_bad_mixture_is_one_line_naming_its_key(tmp_path, capsys, overrides, fragment):
+    (tmp_path / "web.jsonl").write_text('{"text": "some text"}\n')
+    assert fragment in one_line_error(capsys, "launch", *overrides)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     """The reported case: exporting onto an existing file ended in NotADirectoryError."""
     run_dir = finished_run(tmp_path / "runs")
@@ -86,6 +111,13 @@ def _empty_corpus(tmp_path: Path) -> list:
     return ["data.source=empty.txt"], "data.source 'empty.txt' holds only empty documents"
 
 
+def _empty_source_in_a_mixture(tmp_path: Path) -> list:
+    (tmp_path / "empty.txt").write_text("\n")
+    return ["data.sources=[{path: 'builtin:pydoc', weight: 0.9}, {path: empty.txt, weight: 0.1}]"], (
+        "data.sources.1.path 'empty.txt' holds only empty documents"
+    )
+
+
 def _bad_jsonl_line(tmp_path: Path) -> list:
     (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", \n')
     return ["stages.1.data.source=sft.jsonl"], "sft.jsonl:2: not valid JSON"
@@ -114,7 +146,7 @@ def _runs_dir_is_a_file(tmp_path: Path) -> list:
 
 
 @pytest.mark.parametrize(
-    "make", [_empty_corpus, _bad_jsonl_line, _init_from_without_a_model, _init_from_truncated_weights, _init_from_another_shape, _runs_dir_is_a_file]
+    "make", [_empty_corpus, _empty_source_in_a_mixture, _bad_jsonl_line, _init_from_without_a_model, _init_from_truncated_weights, _init_from_another_shape, _runs_dir_is_a_file]
 )
 def test_a_failed_launch_leaves_nothing_behind(tmp_path, capsys, make):
     overrides, fragment = make(tmp_path)
@@ -155,3 +187,4 @@ def test_config_keys_documents_every_key(capsys):
     out = capsys.readouterr().out
     assert "parallel.zero_stage" in out and "DeepSpeed ZeRO stage" in out
     assert "stages.N.init_from" in out
+    assert "data.sources = None\n    A mixture instead of data.source" in out

@@ -36,6 +36,21 @@ def test_stage_overrides_merge_onto_sections():
     assert sft.data.source == "builtin:pydoc-sft"
 
 
+def test_a_stage_that_names_its_corpus_does_not_inherit_the_other_one(tmp_path: Path):
+    """data.source and data.sources exclude each other; the most specific level says which one a stage reads."""
+    (tmp_path / "web.jsonl").write_text('{"text": "x"}\n')
+    mixture = f"[{{path: 'builtin:pydoc', weight: 0.7}}, {{path: '{tmp_path / 'web.jsonl'}', weight: 0.3}}]"
+    run = load_config("tiny", [f"data.sources={mixture}"])
+    assert resolve_stage(run, 0).data.corpora() == ["builtin:pydoc", str(tmp_path / "web.jsonl")]
+    assert [s.weight for s in resolve_stage(run, 0).data.sources] == [0.7, 0.3]
+    assert resolve_stage(run, 1).data.corpora() == ["builtin:pydoc-sft"]  # the sft stage names its own source
+    run = load_config("tiny", [f"data.source={tmp_path / 'web.jsonl'}", f"stages.0.data={{sources: {mixture}}}"])
+    assert resolve_stage(run, 0).data.corpora() == ["builtin:pydoc", str(tmp_path / "web.jsonl")]
+    (tmp_path / "run.yaml").write_text(to_yaml(run))
+    again = from_yaml_file(tmp_path / "run.yaml")
+    assert [resolve_stage(again, i).data for i in range(2)] == [resolve_stage(run, i).data for i in range(2)]
+
+
 def test_yaml_round_trip(tmp_path: Path):
     run = load_config("tiny", ["model.n_layer=3"])
     path = tmp_path / "config.yaml"
@@ -135,7 +150,8 @@ def test_a_section_of_the_wrong_shape_names_key_expected_and_found(tmp_path: Pat
     "override, fragment",
     [
         ("model=[1]", "override 'model=[1]': 'model' must be a mapping of model.* keys"),
-        ("stages=5", "'stages' must be a list (e.g. stages=[{name: pretrain, kind: pretrain}]), found int 5"),
+        ("stages=5", "'stages' must be a list (e.g. stages=[{name: ..., kind: ...}, ...]), found int 5"),
+        ("data.sources={path: x}", "'data.sources' must be a list (e.g. data.sources=[{path: ..., weight: ...}, ...]), found a mapping"),
         ("stages.1.optim=0.1", "'stages.1.optim' must be a mapping of overrides"),
         ("parallel.tp=[2]", "'parallel.tp' must be an integer, found a list [2]"),
     ],

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from raylm.configs.schema import STAGE_SECTIONS, ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import STAGE_SECTIONS, DataConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.files import read_text
 
@@ -120,7 +120,9 @@ def check_shape(value: Any, annotation: Any, key: str, origin: str) -> None:
                 check_shape(item, hints[name], f"{key}.{name}" if key else str(name), origin)
     elif typing.get_origin(annotation) is list:
         if not isinstance(value, list):
-            raise UserError(f"{origin}: '{key}' must be a list (e.g. {key}=[{{name: pretrain, kind: pretrain}}]), found {_found(value)}")
+            item = typing.get_args(annotation)[0]
+            example = "{" + ", ".join(f"{f.name}: ..." for f in fields(item)[:2]) + "}" if is_dataclass(item) else "..."
+            raise UserError(f"{origin}: '{key}' must be a list (e.g. {key}=[{example}, ...]), found {_found(value)}")
         for index, item in enumerate(value):
             check_shape(item, typing.get_args(annotation)[0], f"{key}.{index}", origin)
     elif typing.get_origin(annotation) is dict:
@@ -267,6 +269,8 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
         override = getattr(stage, section)
         if override:
             check_shape(override, typing.get_type_hints(RunConfig)[section], f"stages.{index}.{section}", f"stage '{stage.name}'")
+            if section == "data":
+                _drop_inherited_corpus(base.data, override)
             try:
                 merged = OmegaConf.merge(base[section], override)
             except OmegaConfBaseException as err:
@@ -276,6 +280,15 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
                 ) from None
             base[section] = merged
     return to_run_config(base)
+
+
+def _drop_inherited_corpus(data: DictConfig, override: dict) -> None:
+    """A stage that names its corpus (``data.source`` or ``data.sources``) does not also inherit the run's other one:
+    ``data.sources`` on the run and ``data: {source: ...}`` on an sft stage mean that stage reads its own source."""
+    if "source" in override and "sources" not in override:
+        data.sources = None
+    elif "sources" in override and "source" not in override:
+        data.source = DataConfig().source
 
 
 def dump_nested(cfg: Any) -> Any:

@@ -50,8 +50,25 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    path: str = _f("", "A pretraining corpus, as data.source takes one (builtin:pydoc, files, a directory or glob, a prepared dataset).")
+    weight: float = _f(1.0, "Its share of the training samples, relative to the other sources' weights (>= 0).")
+
+
+@dataclass
 class DataConfig:
     source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a .txt/.md, .jsonl, .jsonl.gz, .parquet or .arrow file, a directory or glob of them, or a directory made by 'raylm data prepare'; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages.")
+    sources: Optional[List[DataSourceConfig]] = _f(
+        None,
+        "A mixture instead of data.source (pretrain stages; set one of the two): a list of {path, weight}, each path anything "
+        "data.source takes, e.g. [{path: 'builtin:pydoc', weight: 0.7}, {path: web.jsonl, weight: 0.3}]. Every source is "
+        "tokenized with the run's one tokenizer and each draws its weight's share of every prefix of the training stream "
+        "(off by less than one sample); a small source repeats, reshuffled each pass. null reads data.source.",
+    )
+
+    def corpora(self) -> List[str]:
+        """The corpora a stage reads: data.sources' paths, else data.source."""
+        return [s.path for s in self.sources] if self.sources is not None else [self.source]
     text_field: str = _f("text", "Field (JSONL) or column (Parquet, Arrow) holding the text.")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
     val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")

@@ -6,9 +6,11 @@ Each rule raises a one-line ``UserError`` that names the key(s) and the fix.
 from __future__ import annotations
 
 import glob
+import math
 from pathlib import Path
+from typing import List
 
-from raylm.configs.schema import LoraConfig, RunConfig
+from raylm.configs.schema import DataConfig, DataSourceConfig, LoraConfig, RunConfig
 from raylm.errors import UserError
 from raylm.storage import check_uri, is_uri
 from raylm.parallelism.zero import batch_splits, batch_unit
@@ -141,17 +143,43 @@ def validate_training(run: RunConfig) -> None:
             raise UserError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
 
 
-def validate_data(run: RunConfig, kind: str) -> None:
+def _check_corpus(source: str, key: str, kind: str) -> None:
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES[kind]:
+            raise UserError(f"{key}={source!r} is not a built-in {kind} corpus; use {' or '.join(BUILTIN_SOURCES[kind])} or a path")
+    elif not Path(source).exists() and not glob.glob(source):
+        raise UserError(f"{key}={source!r}: no such file, directory or glob match; check the path")
+
+
+def validate_sources(sources: List[DataSourceConfig], key: str, kind: str) -> None:
+    """A mixture's list: ``key`` is where it was set (``data.sources`` or ``stages.N.data.sources``)."""
+    if kind != "pretrain":
+        raise UserError(f"{key} mixes pretraining corpora but this stage is {kind}; give it one data.source instead")
+    if not sources:
+        raise UserError(f"{key} is empty; list sources as [{{path: ..., weight: ...}}, ...], or set it to null to read data.source")
+    for k, source in enumerate(sources):
+        if not source.path:
+            raise UserError(f"{key}.{k}.path is empty; give a corpus path or {' or '.join(BUILTIN_SOURCES[kind])}")
+        _check_corpus(source.path, f"{key}.{k}.path", kind)
+        if not (math.isfinite(source.weight) and source.weight >= 0):
+            raise UserError(f"{key}.{k}.weight={source.weight} must be a number >= 0 (weights are relative shares of the samples)")
+        if source.path in [s.path for s in sources[:k]]:
+            raise UserError(f"{key}.{k}.path={source.path!r} is listed twice; list each source once with the sum of its weights")
+    if not any(source.weight > 0 for source in sources):
+        raise UserError(f"{key}: every weight is 0; give at least one source a weight > 0")
+
+
+def validate_data(run: RunConfig, kind: str, sources_key: str = "data.sources") -> None:
     d = run.data
     _one_of(d.tokenizer, "data.tokenizer", ("bpe", "byte"))
     if not 0 < d.val_fraction < 1:
         raise UserError(f"data.val_fraction={d.val_fraction} must be between 0 and 1 (exclusive)")
-    source = d.source
-    if source.startswith("builtin:"):
-        if source not in BUILTIN_SOURCES[kind]:
-            raise UserError(f"data.source={source!r} is not a built-in {kind} corpus; use {' or '.join(BUILTIN_SOURCES[kind])} or a path")
-    elif not Path(source).exists() and not glob.glob(source):
-        raise UserError(f"data.source={source!r}: no such file, directory or glob match; check the path")
+    if d.sources is None:
+        _check_corpus(d.source, "data.source", kind)
+        return
+    if d.source != DataConfig().source:
+        raise UserError(f"data.source={d.source!r} and {sources_key} are both set; keep one (data.source reads one corpus, data.sources mixes several)")
+    validate_sources(d.sources, sources_key, kind)
 
 
 def validate_cluster(run: RunConfig) -> None:
@@ -218,7 +246,7 @@ def validate_stages(run: RunConfig) -> None:
             except UserError as err:
                 raise UserError(f"stage '{stage.name}': {err}") from None
         try:
-            validate_data(stage_run, stage.kind)
+            validate_data(stage_run, stage.kind, f"stages.{index}.data.sources" if "sources" in stage.data else "data.sources")
             if stage.lora is not None:
                 validate_lora(stage_run, stage.lora, index)
         except UserError as err:

@@ -48,7 +48,21 @@ def split_segments(shards: Sequence[IndexedShard], val_fraction: float, seed: in
     return {split: _runs(shard_ids[mask], starts[mask], ends[mask]) for split, mask in (("train", ~held_out), ("val", held_out))}
 
 
-class PackedTokens:
+class Samples:
+    """A dataset of (input_ids, targets) samples: ``num_samples`` of them, read one by one with ``sample``."""
+
+    num_samples: int
+
+    def sample(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def batch(self, indices: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets), each int64 of shape (B, T)."""
+        pairs = [self.sample(i) for i in indices]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+class PackedTokens(Samples):
     """Non-overlapping ``seq_len + 1`` token windows of one split's segments of the shards."""
 
     def __init__(self, shard_prefixes: Sequence[Union[str, Path]], segments: np.ndarray, seq_len: int, split: str):
@@ -91,8 +105,3 @@ class PackedTokens:
             raise IndexError(f"sample {index} out of range [0, {self.num_samples})")
         window = self.window(index * self.seq_len, self.seq_len + 1)
         return window[:-1], window[1:]
-
-    def batch(self, indices: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each int64 of shape (B, T)."""
-        pairs = [self.sample(i) for i in indices]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -120,7 +120,7 @@ def evaluate(stage: FinishedStage, run_dir: Path, data: Optional[str], max_batch
         return _mean_loss(stage.model, val, max_batches, batch_size, f"the held-out split of {stage.name}")
     if not Path(data).exists():
         raise UserError(f"--data {data}: no such file or directory")
-    data_cfg = replace(cfg.data, source=data)
+    data_cfg = replace(cfg.data, source=data, sources=None)  # --data replaces a mixture too
     with tempfile.TemporaryDirectory(prefix="raylm-eval-") as scratch:
         try:
             train, val, _ = prepare_dataset(stage.kind, data_cfg, stage.model_cfg, Path(scratch), cfg.train.seed, tokenizer=stage.tokenizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -45,6 +45,8 @@ class TrainerState:
     bf16: bool = False
     lora: Optional[Dict[str, Any]] = None
     """The stage's LoRA settings (None: every weight trains); a checkpoint holds adapters of these settings only."""
+    consumed_by_source: Dict[str, int] = field(default_factory=dict)
+    """A mixture's consumed samples per source (its blend's split of ``consumed_samples``); empty for one source."""
 
     def layout(self) -> str:
         """What DeepSpeed's own shards depend on; another layout loads the layout-free copy instead."""

@@ -57,16 +57,27 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
+def _link_prepared(prepared: Path, target: Path) -> None:
+    """``target`` holds a prepared dataset's shards and manifest, as a stage opens them from its own files."""
+    from raylm.data.prepare import MANIFEST, SHARDS_DIR
+
+    _link_tree(prepared / SHARDS_DIR, target / SHARDS_DIR)
+    shutil.copy2(prepared / MANIFEST, target / MANIFEST)
+
+
 def stage_inputs(run_dir: Path, run: RunConfig, index: int, prepared_source: Optional[Path]) -> None:
     """On the driver of a run in object storage: upload what stage ``index`` reads (its data prepared in
-    ``run_dir/data/<stage>``; ``prepared_source`` is the prepared dataset its shards live in, if not there)."""
+    ``run_dir/data/<stage>``; ``prepared_source`` is the prepared dataset its shards live in, if not there;
+    a mixture's prepared sources are linked into their own directories there)."""
+    from raylm.configs.loader import resolve_stage
+    from raylm.data import prepared_mixture_sources
+
     stage = run.stages[index]
     data = run_dir / DATA_DIR / stage.name
     if prepared_source is not None and prepared_source.resolve() != data.resolve():
-        from raylm.data.prepare import MANIFEST, SHARDS_DIR
-
-        _link_tree(prepared_source / SHARDS_DIR, data / SHARDS_DIR)
-        shutil.copy2(prepared_source / MANIFEST, data / MANIFEST)
+        _link_prepared(prepared_source, data)
+    for prepared, target in prepared_mixture_sources(resolve_stage(run, index).data, data):
+        _link_prepared(prepared, target)
     if stage.init_from:
         _link_tree(Path(stage.init_from), run_dir / stage.name / INIT_DIR)
     for tree in _input_trees(run, index):

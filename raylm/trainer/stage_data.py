@@ -16,8 +16,8 @@ from typing import Callable
 
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
-from raylm.data import open_dataset, prepare_dataset
-from raylm.data.sampler import SampleOrder
+from raylm.data import open_dataset, prepare_dataset, training_order
+from raylm.data.sampler import StreamOrder
 from raylm.data.tokenizer import Tokenizer
 from raylm.storage import store_of
 from raylm.trainer.run_inputs import DATA_DIR, TOKENIZER_DIR
@@ -30,7 +30,7 @@ class StageData:
     train: object
     val: object
     tokenizer: Tokenizer
-    order: SampleOrder
+    order: StreamOrder
 
 
 def _existing_tokenizer(run_dir: Path, run: RunConfig, stage_index: int):
@@ -50,7 +50,12 @@ def prepare_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> Stage
     train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / DATA_DIR / stage.name, cfg.train.seed, tokenizer=tokenizer)
     if not (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
         tokenizer.save(run_dir / TOKENIZER_DIR)
-    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed))
+    return StageData(train, val, tokenizer, _order(train, cfg))
+
+
+def _order(train, cfg: RunConfig) -> StreamOrder:
+    """The stage's training order, over the samples its steps consume."""
+    return training_order(train, cfg.train.seed, cfg.train.max_steps * cfg.train.global_batch_size)
 
 
 def open_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> StageData:
@@ -59,7 +64,7 @@ def open_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> StageDat
     stage = run.stages[stage_index]
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_DIR, fix="the run's storage lost it; start a new run")
     train, val = open_dataset(stage.kind, cfg.model, run_dir / DATA_DIR / stage.name)
-    return StageData(train, val, tokenizer, SampleOrder(train.num_samples, cfg.train.seed))
+    return StageData(train, val, tokenizer, _order(train, cfg))
 
 
 def load_stage_data(run_dir: Path, run: RunConfig, stage_index: int, leader: bool, barrier: Callable[[], None]) -> StageData:

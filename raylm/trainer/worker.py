@@ -324,11 +324,14 @@ class StageTrainer:
             dist.all_gather_object(gathered, describe_files(staging))
             files = {k: v for part in gathered for k, v in part.items()}
         if self.ctx.rank == 0:
-            write_manifest(staging, self.state, files)
+            write_manifest(staging, replace(self.state, consumed_by_source=self._consumed_by_source()), files)
         dist.barrier()
         self.session.commit(self.state.step, staging, {"step": self.state.step, **metrics})
         self.log({"step": self.state.step, "kind": "event", "event": "checkpoint", "seconds": time.perf_counter() - began,
                   "bytes": sum(size for size, _ in files.values())})
+
+    def _consumed_by_source(self) -> Dict[str, int]:
+        return self.data.order.consumed_by_source(self.state.consumed_samples)
 
     # ---------------------------------------------------------------- training
     def _micro_batch(self, reader, indices):
@@ -479,6 +482,7 @@ class StageTrainer:
                 **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
                 "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
+                "consumed_samples": self.state.consumed_samples, "consumed_by_source": self._consumed_by_source(),
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
             self.session.publish(self.run_dir, f"{self.stage.name}/{STAGE_SUMMARY}")  # last: it marks the stage finished
