@@ -71,12 +71,13 @@ def check_init_from(run: RunConfig) -> None:
 
 
 def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> StageData:
-    name, source = run.stages[index].name, resolve_stage(run, index).data.source
-    with console.status(f"[{name}] preparing tokenizer and data from {source}"):
+    name, data_cfg = run.stages[index].name, resolve_stage(run, index).data
+    with console.status(f"[{name}] preparing tokenizer and data from {', '.join(data_cfg.corpora())}"):
         data = prepare_stage_data(run_dir, run, index)
     if storage.store_of(run_dir) is not None:
         with console.status(f"[{name}] uploading what the stage reads to {storage.where(run_dir)}"):
-            stage_inputs(run_dir, run, index, Path(source).expanduser() if is_prepared(source) else None)
+            single = data_cfg.source if data_cfg.sources is None else None
+            stage_inputs(run_dir, run, index, Path(single).expanduser() if single and is_prepared(single) else None)
     return data
 
 
