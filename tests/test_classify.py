@@ -175,3 +175,12 @@ def test_a_stage_after_a_classifier_needs_its_own_weights(capsys):
     stages = f"stages=[{{name: cls, kind: classify, data: {{source: '{BUILTIN_PYDOC_TOPIC}'}}}}, {{name: more, kind: pretrain}}]"
     assert "stage 'more' would start from classify stage 'cls', whose weights are a classifier; set stages.1.init_from" in \
         one_line_error(capsys, "config", "show", stages)
+
+
+def test_config_keys_explain_the_classify_kind_and_its_label_field(capsys):
+    from raylm.launcher.cli import main
+
+    assert main(["config", "keys"]) == 0
+    out = capsys.readouterr().out
+    assert "data.label_field = 'label'" in out and "holding a classify example's label" in out
+    assert "'classify' (a class head on the last token's hidden state" in out and "builtin:pydoc-topic" in out
