@@ -7,8 +7,8 @@ padded with <|pad|>; its targets are -100 (ignored) everywhere but at that
 over these targets, and the rows are stored and read as sft rows are
 (``SftRows``). The same token at the end of every text gives the head one fixed
 query to gather the text through (GPT's recipe for classification): on the
-built-in task the tiny model reached 0.43 held-out accuracy after 100 steps
-this way, 0.33 reading each text's own last token.
+built-in task the tiny model, from scratch at lr 3e-3, reached 0.43 held-out
+accuracy after 100 steps this way, 0.33 reading each text's own last token.
 
 The label set is the sorted set of the training split's labels, kept in the
 dataset's meta.json and, after training, with the weights.
