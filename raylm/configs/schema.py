@@ -57,7 +57,7 @@ class DataSourceConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a .txt/.md, .jsonl, .jsonl.gz, .parquet or .arrow file, a directory or glob of them, or a directory made by 'raylm data prepare'; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages.")
+    source: str = _f("builtin:pydoc", "Corpus: 'builtin:pydoc' (ships with Python), a .txt/.md, .jsonl, .jsonl.gz, .parquet or .arrow file, a directory or glob of them, or a directory made by 'raylm data prepare'; for sft stages 'builtin:pydoc-sft' or a .jsonl of prompt/response or messages; for classify stages 'builtin:pydoc-topic' or a .jsonl(.gz) of text/label objects.")
     sources: Optional[List[DataSourceConfig]] = _f(
         None,
         "A mixture instead of data.source (pretrain stages; set one of the two): a list of {path, weight}, each path anything "
@@ -70,6 +70,7 @@ class DataConfig:
         """The corpora a stage reads: data.sources' paths, else data.source."""
         return [s.path for s in self.sources] if self.sources is not None else [self.source]
     text_field: str = _f("text", "Field (JSONL) or column (Parquet, Arrow) holding the text.")
+    label_field: str = _f("label", "Field (JSONL) holding a classify example's label, a string; the stage's classes are the sorted labels of its training split.")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally to model.vocab_size) or 'byte' (raw UTF-8 bytes).")
     val_fraction: float = _f(0.05, "Fraction of the tokens held out for evaluation.")
 
@@ -151,7 +152,11 @@ class LoraConfig:
 @dataclass
 class StageConfig:
     name: str = _f("pretrain", "Stage name; also its directory under the run.")
-    kind: str = _f("pretrain", "'pretrain' (next-token loss on the corpus) or 'sft' (loss on responses only).")
+    kind: str = _f(
+        "pretrain",
+        "'pretrain' (next-token loss on the corpus), 'sft' (loss on responses only) or 'classify' (a class head on the last "
+        "token's hidden state, cross-entropy over the labels; needs parallel.tp=1, parallel.pp=1, no lora; held-out accuracy in the summary).",
+    )
     init_from: Optional[str] = _f(None, "Weights to start from: a raylm final/ or Hugging Face Llama directory; null means the previous stage's final weights (or a fresh init for the first stage).")
     data: Dict[str, Any] = _f({}, "Overrides of the data section for this stage.")
     optim: Dict[str, Any] = _f({}, "Overrides of the optim section for this stage.")

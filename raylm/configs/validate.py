@@ -16,8 +16,8 @@ from raylm.storage import check_uri, is_uri
 from raylm.parallelism.zero import batch_splits, batch_unit
 
 BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
-STAGE_KINDS = ("pretrain", "sft")
-BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",)}
+STAGE_KINDS = ("pretrain", "sft", "classify")
+BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",), "classify": ("builtin:pydoc-topic",)}
 
 
 def _positive(value: float, key: str, strict: bool = True) -> None:
@@ -220,6 +220,26 @@ def validate_lora(run: RunConfig, lora: LoraConfig, index: int) -> None:
         raise UserError(f"{key} cannot run with parallel.zero_stage=3 (the frozen base would be partitioned too); use parallel.zero_stage=2")
 
 
+def validate_classify(run: RunConfig, index: int, stage_run: RunConfig) -> None:
+    """A classify stage runs one whole model per rank: its head and the pooling at each text's last token are not
+    split over tensor ranks or pipeline stages. Its weights are a classifier, not a language model, for whatever follows."""
+    stage = run.stages[index]
+    key = f"stages.{index}"
+    if stage.kind == "classify":
+        parallel = stage_run.parallel
+        for degree in ("tp", "pp"):
+            if getattr(parallel, degree) > 1:
+                raise UserError(f"stage '{stage.name}': kind classify cannot run with parallel.{degree}={getattr(parallel, degree)}; "
+                                f"set {key}.parallel.{degree}=1 (the model is whole on each rank, data parallelism and ZeRO still apply)")
+        for option in ("lora", "eval_tasks"):
+            if getattr(stage, option) is not None:
+                raise UserError(f"stage '{stage.name}': kind classify does not take {key}.{option}; remove it "
+                                f"({'every weight trains' if option == 'lora' else 'the stage reports its held-out accuracy'})")
+    if index > 0 and run.stages[index - 1].kind == "classify" and stage.init_from is None:
+        raise UserError(f"stage '{stage.name}' would start from classify stage '{run.stages[index - 1].name}', whose weights are a "
+                        f"classifier; set {key}.init_from to a language model's weights, or make the classify stage the last")
+
+
 def validate_stages(run: RunConfig) -> None:
     from raylm.configs.loader import resolve_stage
 
@@ -240,6 +260,7 @@ def validate_stages(run: RunConfig) -> None:
 
             check_spec(stage.eval_tasks, f"stages.{index}.eval_tasks")
         stage_run = resolve_stage(run, index)
+        validate_classify(run, index, stage_run)
         for rule in (validate_model, validate_training, validate_parallel, validate_cluster):
             try:
                 rule(stage_run)

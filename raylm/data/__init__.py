@@ -2,7 +2,7 @@
 
 ``prepare_dataset`` is the entry point; the modules beside it each do one job
 (corpus formats, tokenizer, chat template, prepared shards in Megatron's
-indexed format, packed pretraining samples over them, sft rows, held-out
+indexed format, packed pretraining samples over them, sft rows, classify rows, held-out
 split, sample order, mixtures of several corpora and their blend).
 """
 
@@ -12,13 +12,15 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from raylm.configs.schema import DataConfig, ModelConfig
 from raylm.data.blend import BlendSource, cached_blend
+from raylm.data.classify import ClassifyRows, build_classify, iter_classify_examples
 from raylm.data.corpus import source_inputs
 from raylm.data.indexed import IndexedShard
 from raylm.data.meta import invalidate, matches, read_meta, write_meta
@@ -30,7 +32,7 @@ from raylm.data.sft import SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from raylm.errors import UserError, first_line
 
-STAGE_KINDS = ("pretrain", "sft")
+STAGE_KINDS = ("pretrain", "sft", "classify")
 MIXTURE_FILE = "mixture.json"
 """A mixture's record in its stage directory (its sources in order, the seed): written last."""
 SOURCES_DIR = "sources"
@@ -182,26 +184,55 @@ def _check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig) -> None:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}; set model.vocab_size>={tokenizer.vocab_size}")
 
 
-def _sft_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
+def _rows_tokenizer(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, tokenizer: Optional[Tokenizer],
+                    texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The tokenizer of a stage whose examples become rows (sft, classify): the one given, else the one saved
+    beside its rows, else one trained on ``texts()``."""
     tokenizer = tokenizer or _saved_tokenizer(out_dir, data_cfg, model_cfg)
     if tokenizer is None:
-        texts = (m["content"] for conversation in iter_sft_examples(data_cfg.source) for m in conversation)
-        tokenizer = train_tokenizer(texts, data_cfg.tokenizer, model_cfg.vocab_size)
+        tokenizer = train_tokenizer(texts(), data_cfg.tokenizer, model_cfg.vocab_size)
     _check_vocab(tokenizer, model_cfg)
-    recipe = {
-        "format": "sft",
+    return tokenizer
+
+
+def _rows_recipe(kind: str, data_cfg: DataConfig, model_cfg: ModelConfig, seed: int, tokenizer: Tokenizer) -> Dict[str, Any]:
+    """What a stage's rows are a function of: they are rebuilt when any of it changes."""
+    return {
+        "format": kind,
         "source": data_cfg.source,
         "tokenizer_sha256": tokenizer.fingerprint,
         "val_fraction": data_cfg.val_fraction,
         "seed": seed,
         "seq_len": model_cfg.max_seq_len,
     }
+
+
+def _sft_texts(source: str) -> Iterator[str]:
+    return (message["content"] for conversation in iter_sft_examples(source) for message in conversation)
+
+
+def _sft_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
+    tokenizer = _rows_tokenizer(data_cfg, model_cfg, out_dir, tokenizer, partial(_sft_texts, data_cfg.source))
+    recipe = _rows_recipe("sft", data_cfg, model_cfg, seed, tokenizer)
     if not matches(read_meta(out_dir), recipe):
         out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out_dir)
         build_sft(iter_sft_examples(data_cfg.source), tokenizer, out_dir, model_cfg.max_seq_len, data_cfg.val_fraction, seed, recipe=recipe)
     with _damaged_files_are_user_errors(out_dir, data_cfg):
         return SftRows(out_dir, "train"), SftRows(out_dir, "val"), tokenizer
+
+
+def _classify_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, seed: int, tokenizer: Optional[Tokenizer]):
+    examples = partial(iter_classify_examples, data_cfg.source, data_cfg.text_field, data_cfg.label_field)
+    tokenizer = _rows_tokenizer(data_cfg, model_cfg, out_dir, tokenizer, lambda: (example.text for example in examples()))
+    recipe = {**_rows_recipe("classify", data_cfg, model_cfg, seed, tokenizer), "text_field": data_cfg.text_field,
+              "label_field": data_cfg.label_field}
+    if not matches(read_meta(out_dir), recipe):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out_dir)
+        build_classify(examples(), tokenizer, out_dir, model_cfg.max_seq_len, data_cfg.val_fraction, seed, recipe)
+    with _damaged_files_are_user_errors(out_dir, data_cfg):
+        return ClassifyRows(out_dir, "train"), ClassifyRows(out_dir, "val"), tokenizer
 
 
 def open_dataset(kind: str, model_cfg: ModelConfig, out_dir: Path) -> Tuple[Union[PackedTokens, SftRows], Union[PackedTokens, SftRows]]:
@@ -214,7 +245,8 @@ def open_dataset(kind: str, model_cfg: ModelConfig, out_dir: Path) -> Tuple[Unio
             return _mixture(out_dir, model_cfg, [_packed_splits(shard_prefixes(d, read_manifest(d)), d, model_cfg) for d in source_dirs])
         if kind == "pretrain":
             return _packed_splits(shard_prefixes(out_dir, read_manifest(out_dir)), out_dir, model_cfg)
-        return SftRows(out_dir, "train"), SftRows(out_dir, "val")
+        rows = ClassifyRows if kind == "classify" else SftRows
+        return rows(out_dir, "train"), rows(out_dir, "val")
     except (OSError, ValueError) as err:
         raise UserError(f"the dataset in {out_dir} is damaged ({first_line(err)}); start the stage again to prepare it anew") from None
 
@@ -245,7 +277,7 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "pretrain" and data_cfg.sources is not None:
         return _mixture_splits(data_cfg, model_cfg, out_dir, seed, tokenizer)
-    build = _pretrain_splits if kind == "pretrain" else _sft_splits
+    build = {"pretrain": _pretrain_splits, "sft": _sft_splits, "classify": _classify_splits}[kind]
     return build(data_cfg, model_cfg, out_dir, seed, tokenizer)
 
 

@@ -103,6 +103,13 @@ def _split_paths(out_dir: Path, split: str) -> Tuple[Path, Path]:
     return out_dir / f"{split}_inputs.npy", out_dir / f"{split}_targets.npy"
 
 
+def save_rows(out_dir: Path, split: str, rows: Sequence[Tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> None:
+    """Write one split's (inputs, targets) rows as ``SftRows`` reads them: token ids in ``dtype``, targets int32."""
+    inputs_path, targets_path = _split_paths(out_dir, split)
+    np.save(inputs_path, np.stack([inputs for inputs, _ in rows]).astype(dtype))
+    np.save(targets_path, np.stack([targets for _, targets in rows]).astype(np.int32))
+
+
 def build_sft(
     examples: Iterable[Conversation],
     tokenizer: Tokenizer,
@@ -136,10 +143,7 @@ def build_sft(
     held_out = held_out_mask(np.ones(len(rows)), val_fraction, seed)
     dtype = token_dtype(tokenizer.vocab_size)
     for split, mask in (("train", ~held_out), ("val", held_out)):
-        chosen = [row for row, keep in zip(rows, mask) if keep]
-        inputs_path, targets_path = _split_paths(out_dir, split)
-        np.save(inputs_path, np.stack([inputs for inputs, _ in chosen]).astype(dtype))
-        np.save(targets_path, np.stack([targets for _, targets in chosen]).astype(np.int32))
+        save_rows(out_dir, split, [row for row, keep in zip(rows, mask) if keep], dtype)
     meta = {
         **(recipe or {}),
         "format": "sft",

@@ -330,7 +330,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from raylm.trainer import run_dir as rundir
-    from raylm.launcher.inference import evaluate, load_stage
+    from raylm.launcher.inference import evaluate, load_stage, refuse_classifier
 
     if args.tasks is not None and args.data is not None:
         raise UserError("give --tasks (lm-eval tasks) or --data (held-out loss on a file), not both")
@@ -339,6 +339,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         from raylm.evals.harness import record, run_tasks
 
+        refuse_classifier(stage, "run lm-eval tasks")
         scores = run_tasks(stage, args.tasks)
         record(run_dir, stage, scores)
         print(json.dumps({"stage": stage.name, "eval_tasks": scores}))
@@ -353,7 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from raylm.trainer import run_dir as rundir
     from raylm.launcher.export import export_hf
-    from raylm.launcher.inference import load_stage
+    from raylm.launcher.inference import load_stage, refuse_classifier
 
     if args.quant is not None and args.format != "gguf":
         raise UserError(f"--quant {args.quant} applies to --format gguf only; drop it or add --format gguf")
@@ -363,6 +364,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from raylm.data.chat import jinja_chat_template
         from raylm.models.gguf_export import export_gguf
 
+        refuse_classifier(stage, "be exported to GGUF (llama.cpp's Llama has no class head; --format hf exports it)")
         quant = args.quant or "f16"
         template = jinja_chat_template() if stage.kind == "sft" else None
         out = export_gguf(stage.model.state_dict(), stage.model_cfg, stage.tokenizer, Path(args.out), quant, f"{run_dir.name}-{stage.name}",
@@ -441,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--runs-dir", default="runs")
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = sub.add_parser("eval", help="held-out loss and perplexity of a finished stage, or lm-eval tasks (--tasks)")
+    evaluate = sub.add_parser("eval", help="held-out loss and perplexity of a finished stage (accuracy of a classify stage), or lm-eval tasks (--tasks)")
     evaluate.add_argument("run")
     evaluate.add_argument("--stage", help="default: the last finished stage")
     evaluate.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: built-in ones "
                           "(raylm_pydoc_nextword, raylm_pydoc_topic, raylm_pydoc_perplexity) or directories of task YAMLs")
-    evaluate.add_argument("--data", help="a corpus (pretrain) or JSONL (sft) to evaluate on instead of the held-out split")
+    evaluate.add_argument("--data", help="a corpus (pretrain) or JSONL (sft, classify) to evaluate on instead of the held-out split")
     evaluate.add_argument("--max-batches", type=_at_least(1), default=50)
     evaluate.add_argument("--runs-dir", default="runs")
     evaluate.set_defaults(func=cmd_eval)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from raylm.data.chat import jinja_chat_template
+from raylm.data.classify import end_token_on_encode
 from raylm.data.tokenizer import HF_SPECIAL_TOKENS, TOKENIZER_FILE
 from raylm.errors import UserError
 from raylm.launcher.inference import FinishedStage
@@ -24,7 +25,7 @@ def save_stage_hf(stage: FinishedStage, out: Path) -> Path:
     # The tokenizer's eos is the token the stage learnt to end with (<|end|> for a chat model, as
     # Llama 3 Instruct's is <|eot_id|>); tools that stop at the tokenizer's eos then stop where raylm does.
     special_tokens = {**HF_SPECIAL_TOKENS, "eos_token": stops[0]}
-    return save_hf(
+    saved = save_hf(
         stage.model.state_dict(),
         stage.model_cfg,
         out,
@@ -33,7 +34,11 @@ def save_stage_hf(stage: FinishedStage, out: Path) -> Path:
         stop_tokens=stops,
         # Only an sft model knows the chat format; a pretrained one continues text.
         chat_template=jinja_chat_template() if stage.kind == "sft" else None,
+        labels=stage.labels,
     )
+    if stage.labels is not None:
+        end_token_on_encode(saved / TOKENIZER_FILE)  # what the classifier reads its class at
+    return saved
 
 
 def export_hf(stage: FinishedStage, out: Path) -> Path:

@@ -205,6 +205,10 @@ def print_summary(summary: dict, console: Console) -> None:
     console.print(table)
     for s in summary["stages"]:
         console.print(f"[bold]{s['stage']} sample[/]: {s['sample']!r}")
+        if "classification" in s:
+            report = s["classification"]
+            console.print(f"[bold]{s['stage']} accuracy[/]: {report['accuracy']:.3f} on {report['examples']} held-out examples "
+                          f"(the most frequent label alone: {report['majority_accuracy']:.3f})")
         console.print(f"[bold]{s['stage']} weights[/]: {s['final_dir']}")
         if s.get("loss_png"):
             console.print(f"[bold]{s['stage']} loss curve[/]: {s['loss_png']}")

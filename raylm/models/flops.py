@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from raylm.configs.schema import ModelConfig
 from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
 
@@ -45,3 +47,8 @@ def lora_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int) ->
     below them (2 FLOPs per weight besides the forward's 2) but compute no gradient of their own (the other 2);
     the adapters train in full (6 per weight)."""
     return flops_per_token(cfg, seq_len) - 2.0 * matmul_params(cfg) + 6.0 * adapter_params
+
+
+def classifier_flops_per_token(cfg: ModelConfig, seq_len: int, n_labels: int) -> float:
+    """``flops_per_token`` of a classify stage: its head maps d_model to n_labels, not to the vocabulary."""
+    return flops_per_token(replace(cfg, vocab_size=n_labels), seq_len)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from raylm.configs.schema import ModelConfig
 from raylm.errors import UserError
 from raylm.files import read_json
+from raylm.models.classifier import SCORE_WEIGHT
 from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
 from raylm.models.weights import POINT_AT_WEIGHTS, Location, check_shapes, header_shapes, read_safetensors
 
@@ -224,8 +225,10 @@ def save_hf(
     special_tokens: Optional[Mapping[str, Any]] = None,
     stop_tokens: Sequence[str] = (),
     chat_template: Optional[str] = None,
+    labels: Optional[Sequence[str]] = None,
 ) -> Path:
-    """Write a directory ``transformers`` loads offline as ``LlamaForCausalLM`` (and ``AutoTokenizer``).
+    """Write a directory ``transformers`` loads offline as ``LlamaForCausalLM`` (and ``AutoTokenizer``), or, with
+    ``labels`` (the weights a ``LlamaClassifier``'s), as ``LlamaForSequenceClassification`` over those classes.
 
     ``special_tokens`` (e.g. ``{"bos_token": ..., "eos_token": ..., "pad_token": ...,
     "additional_special_tokens": [...]}``) and ``chat_template`` (Jinja) go into
@@ -241,13 +244,20 @@ def save_hf(
         raise ValueError("special tokens and a chat template need tokenizer_json_path")
     ids = _special_token_ids(Path(tokenizer_json_path), special_tokens, stop_tokens) if tokenizer_json_path else {}
 
-    hf_sd = to_hf_state_dict(model_state_dict, cfg.tie_embeddings)
+    # A classifier's head has the same name in both: Hugging Face's sequence classifiers call it score too.
+    head = {SCORE_WEIGHT: model_state_dict[SCORE_WEIGHT]} if labels is not None else {}
+    hf_sd = {**to_hf_state_dict({k: v for k, v in model_state_dict.items() if k not in head}, cfg.tie_embeddings), **head}
     # Safetensors refuses tensors sharing storage; each tensor is written on its own.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in hf_sd.items()}
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
 
     dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
     config = hf_config(cfg, ids.get("bos_token"), ids.get("eos_token"), ids.get("pad_token"), dtype=dtype)
+    if labels is not None:
+        # Its pooling finds each text's last token by config.pad_token_id, which special_tokens must therefore name.
+        config.update(architectures=["LlamaForSequenceClassification"], problem_type="single_label_classification",
+                      id2label={str(index): label for index, label in enumerate(labels)},
+                      label2id={label: index for index, label in enumerate(labels)})
     _write_json(out_dir / CONFIG_FILE, config)
     generation = {"bos_token_id": ids.get("bos_token"), "eos_token_id": ids.get("eos_token"), "pad_token_id": ids.get("pad_token")}
     _write_json(out_dir / GENERATION_CONFIG_FILE, {k: v for k, v in generation.items() if v is not None})

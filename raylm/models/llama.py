@@ -194,15 +194,19 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.add_head(cfg)
         # Non-persistent: derived from the config, so never part of a checkpoint.
         device = self.norm.weight.device
         cos, sin = rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta, torch.device("cpu") if device.type == "meta" else device)
         self.register_buffer("cos", cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("sin", sin, persistent=False)
         self.reset_parameters(seed)
+
+    def add_head(self, cfg: ModelConfig) -> None:
+        """The language-model head (the embedding's weight when tied); a subclass puts another head here."""
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def reset_parameters(self, seed: int) -> None:
         """Every weight (a tied one once, under the embedding's name) to its ``init_weight_`` value."""
@@ -227,12 +231,21 @@ class Llama(nn.Module):
         With ``kv_caches`` (one per layer) the keys and values of earlier
         positions come from the caches and this chunk's are written into them.
         """
+        return self.output(self.final_hidden(tokens, kv_caches, start_pos))  # (B, T, vocab_size)
+
+    def final_hidden(
+        self,
+        tokens: torch.Tensor,
+        kv_caches: Optional[List[KVCache]] = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> the normalised hidden states (B, T, d_model) that a head reads."""
         _, T = tokens.shape
         cos, sin = self.rope(start_pos, T)
         x = self.tok_embeddings(tokens)  # (B, T, d_model)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[index] if kv_caches is not None else None, start_pos)
-        return self.output(self.norm(x))  # (B, T, vocab_size)
+        return self.norm(x)
 
 
 def num_params(model: nn.Module, non_embedding: bool = False) -> int:

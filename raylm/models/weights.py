@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,19 +18,31 @@ from safetensors.torch import load_file, save_file
 from raylm.configs.schema import ModelConfig
 from raylm.errors import UserError, first_line
 from raylm.files import read_json
+from raylm.models.classifier import LlamaClassifier
 from raylm.models.llama import Llama
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED_HEAD = "output.weight"
+LABELS = "labels"
 
 
-def save_consolidated(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path) -> None:
-    """Write full (unsharded) weights; a tied head is stored once, as the embedding."""
+def save_consolidated(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path, labels: Optional[Sequence[str]] = None) -> None:
+    """Write full (unsharded) weights; a tied head is stored once, as the embedding. A classifier's (``labels``
+    given) class names go into config.json, in the order of its head's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (cfg.tie_embeddings and k == TIED_HEAD)}
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "raylm"})
-    (out_dir / CONFIG).write_text(json.dumps({"format": "raylm", "model": asdict(cfg)}, indent=2))
+    config = {"format": "raylm", "model": asdict(cfg), **({LABELS: list(labels)} if labels is not None else {})}
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def stored_labels(path: Path, fix: str = "point at a complete raylm final/ directory") -> Optional[List[str]]:
+    """The class names of a raylm classifier's weights (None for a language model's)."""
+    labels = read_json(path / CONFIG, fix).get(LABELS)
+    if labels is not None and (not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(label, str) for label in labels)):
+        raise UserError(f"{path / CONFIG} has {LABELS}={labels!r}, not a list of two or more strings; {fix}")
+    return labels
 
 
 POINT_AT_WEIGHTS = "point at a complete raylm final/ or Hugging Face Llama directory"
@@ -91,11 +103,13 @@ def _unreadable(path: Path, err: BaseException, fix: str) -> UserError:
     return UserError(f"{path} is truncated or not a safetensors file ({first_line(err)}); {fix}")
 
 
-def check_shapes(shapes: Mapping[str, Sequence[int]], cfg: ModelConfig, source: str, fix: str) -> None:
-    """Refuse weights (raylm names -> shapes) that are not exactly ``Llama(cfg)``'s, before ``load_state_dict`` would fail."""
+def check_shapes(shapes: Mapping[str, Sequence[int]], cfg: ModelConfig, source: str, fix: str, labels: Optional[Sequence[str]] = None) -> None:
+    """Refuse weights (raylm names -> shapes) that are not exactly ``Llama(cfg)``'s (``LlamaClassifier``'s with ``labels``),
+    before ``load_state_dict`` would fail."""
     with torch.device("meta"):  # shapes without allocating a model
-        expected = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
-    if cfg.tie_embeddings and TIED_HEAD not in shapes and "tok_embeddings.weight" in shapes:
+        model = Llama(cfg) if labels is None else LlamaClassifier(cfg, len(labels))
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if labels is None and cfg.tie_embeddings and TIED_HEAD not in shapes and "tok_embeddings.weight" in shapes:
         shapes = {**shapes, TIED_HEAD: shapes["tok_embeddings.weight"]}
     problems = [f"{name} is missing" for name in expected if name not in shapes]
     problems += [f"{name} is not in the model" for name in shapes if name not in expected]
@@ -128,10 +142,11 @@ def load_consolidated(path: Path, fix: str = POINT_AT_WEIGHTS) -> Tuple[ModelCon
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(f"{path} has no {WEIGHTS} + {CONFIG}; {fix}")
     cfg = _raylm_model_config(path, fix)
+    labels = stored_labels(path, fix)
     state = read_safetensors(path / WEIGHTS, fix)
-    if "tok_embeddings.weight" in state:
+    if labels is None and "tok_embeddings.weight" in state:
         state = with_tied_head(state, cfg)
-    check_shapes({name: t.shape for name, t in state.items()}, cfg, str(path), fix)
+    check_shapes({name: t.shape for name, t in state.items()}, cfg, str(path), fix, labels)
     return cfg, state
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,11 +33,14 @@ from raylm.trainer.phases import Phases
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
+from raylm.trainer.classify import held_out_score, with_score_head
 from raylm.trainer.run_inputs import initial_weights
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
-from raylm.models.flops import flops_per_token, lora_flops_per_token
+from raylm.evals.classification import flat_counts
+from raylm.models.classifier import LlamaClassifier
+from raylm.models.flops import classifier_flops_per_token, flops_per_token, lora_flops_per_token
 from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
 from raylm.models.lora import ADAPTER_DIR, adapter_weights, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, save_consolidated, weight_locations
@@ -86,14 +89,14 @@ def build_dense_model(cfg: RunConfig, init_path: Optional[Path]) -> Llama:
 
 
 def build_stage_model(cfg: RunConfig, lora: Optional[LoraConfig], init_path: Optional[Path],
-                      trained: Optional[WeightSource] = None) -> Llama:
+                      trained: Optional[WeightSource] = None, labels: Optional[Sequence[str]] = None) -> Llama:
     """The model a stage trains: laid out on ``meta``, each rank giving only its own weights values
-    (``build_parallel_model``); or, with ``lora`` (one whole model per rank), the frozen base from
-    ``init_path`` with adapters, those of a resharded resume read from ``trained``.
+    (``build_parallel_model``), a classifier over ``labels`` when given; or, with ``lora`` (one whole model
+    per rank), the frozen base from ``init_path`` with adapters, those of a resharded resume read from ``trained``.
     """
     if lora is None:
         with torch.device("meta"):
-            return Llama(cfg.model, cfg.train.seed)
+            return Llama(cfg.model, cfg.train.seed) if labels is None else LlamaClassifier(cfg.model, len(labels), cfg.train.seed)
     model = build_dense_model(cfg, init_path)
     add_lora(model, lora, cfg.train.seed)
     if trained is not None:
@@ -142,6 +145,7 @@ class StageTrainer:
         self.phases.mark("process_group")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         self.phases.mark("data")
+        self.labels: Optional[List[str]] = self.data.train.labels if self.stage.kind == "classify" else None
         topology = Topology.for_world(self.cfg.parallel.tp, self.cfg.parallel.pp, self.ctx.world_size)
         self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
@@ -159,7 +163,7 @@ class StageTrainer:
         self.init_path = initial_weights(run_dir, self.run, stage_index)
         weights = self._weight_source(self.init_path)
         torch.manual_seed(self.cfg.train.seed)
-        dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None)
+        dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None, self.labels)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         self.accum = micro_batches(self.cfg, self.dp_size)
@@ -168,7 +172,9 @@ class StageTrainer:
         self.engine = self._build_engine(weights)
         self.phases.mark("deepspeed_initialize")
         self.seq_len = self.cfg.model.max_seq_len
-        if self.lora is None:
+        if self.labels is not None:
+            self.flops_per_token = classifier_flops_per_token(self.cfg.model, self.seq_len, len(self.labels))
+        elif self.lora is None:
             self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
         else:
             adapters = sum(p.numel() for p in dense.parameters() if p.requires_grad)
@@ -253,6 +259,8 @@ class StageTrainer:
                     f"this stage runs {self.state.layout()}; keep that layout or start a new stage with init_from its final weights"
                 )
             return stored_weights(layout_free_locations(source), f"the layout-free checkpoint {source}")
+        if self.labels is not None:
+            return with_score_head(initial_weight_source(self.cfg, init_path), self.cfg.model, len(self.labels), self.cfg.train.seed)
         return initial_weight_source(self.cfg, init_path)
 
     def resume(self) -> None:
@@ -467,17 +475,24 @@ class StageTrainer:
                 # The next stage and export read dense weights: the base, unrounded, plus the adapters' update.
                 base = build_dense_model(self.cfg, self.init_path).state_dict()
                 full_state = merged_weights(base, full_state, self.lora)
-            save_consolidated(full_state, self.cfg.model, final_dir)
+            save_consolidated(full_state, self.cfg.model, final_dir, self.labels)
             self.data.tokenizer.save(final_dir)
             self.session.publish(self.run_dir, f"{self.stage.name}/{FINAL_DIR}")
             done.mark("save_final")
-            sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
-                                 self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+            scores: Dict = {}
+            if self.labels is None:
+                sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
+                                     self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+            else:
+                report, sample = held_out_score(full_state, self.cfg.model, self.labels, self.data.val, self.data.tokenizer, self.ctx.device)
+                self.log({"step": self.state.step, "kind": "classify", **flat_counts(report), "confusion": report["confusion"]})
+                scores = {"accuracy": report["accuracy"], "classification": report}
             done.mark("sample")
+            has_perplexity = self.labels is None and math.isfinite(last["eval_loss"])  # a loss over class labels has none
             summary = {
                 "stage": self.stage.name, "kind": self.stage.kind, "steps": self.state.step, "tokens": self.state.tokens_seen,
                 "final_loss": last["loss"], "eval_loss": last["eval_loss"],
-                "perplexity": math.exp(min(last["eval_loss"], 50.0)) if math.isfinite(last["eval_loss"]) else None,
+                "perplexity": math.exp(min(last["eval_loss"], 50.0)) if has_perplexity else None, **scores,
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
                 **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
