@@ -244,12 +244,35 @@ def push_tree(run_dir: Path, rel: str) -> None:
     if store is None:
         return
     local = run_dir / rel
-    contents = {p.relative_to(local).as_posix(): [p.stat().st_size, sha256_of(p)]
-                for p in sorted(local.rglob("*")) if p.is_file() and p.name != CONTENTS}
+    contents = _local_contents(local)
     known = _remote_contents(store, rel)
     if known != contents:
         store.upload(local, rel)
         store.write_bytes(f"{rel}/{CONTENTS}", json.dumps(contents, sort_keys=True).encode())
+
+
+def _local_contents(local: Path) -> Dict[str, list]:
+    """relative path -> [size, sha256] of every file of ``local``. A driver pushes a stage's inputs at every stage
+    (and every relaunch): a file whose size and modification time are those of its last hashing keeps that hash
+    (recorded per machine under ``RAYLM_CACHE``), so gigabytes of prepared data are not read again each time."""
+    record = cache_root() / "hashes" / f"{hashlib.sha256(str(local.resolve()).encode()).hexdigest()[:32]}.json"
+    try:
+        earlier = json.loads(record.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    contents, seen = {}, {}
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and p.name != CONTENTS):
+        name, stat = path.relative_to(local).as_posix(), path.stat()
+        size_and_time = [stat.st_size, stat.st_mtime_ns]
+        previous = earlier.get(name)
+        digest = previous[2] if isinstance(previous, list) and previous[:2] == size_and_time else sha256_of(path)
+        contents[name], seen[name] = [stat.st_size, digest], [*size_and_time, digest]
+    if seen != earlier:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        scratch = record.with_suffix(f".{uuid.uuid4().hex}")
+        scratch.write_text(json.dumps(seen))
+        os.replace(scratch, record)
+    return contents
 
 
 def _remote_contents(store: Store, rel: str) -> Optional[Dict[str, list]]:

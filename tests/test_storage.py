@@ -61,6 +61,27 @@ def test_a_tree_is_fetched_once_per_machine_and_shared_by_content(runs, cache, t
     assert storage.fetch_tree(other, "data") == 7
 
 
+def test_a_pushed_tree_is_hashed_again_only_where_a_file_changed(runs, cache, monkeypatch):
+    from raylm import storage
+
+    store = storage.Store(runs).child("run")
+    view = storage.view_of(store)
+    (view / "data").mkdir()
+    for name in ("a.bin", "b.bin"):
+        (view / "data" / name).write_bytes(name.encode() * 100)
+    storage.push_tree(view, "data")
+    hashed = []
+    real = storage.sha256_of
+    monkeypatch.setattr(storage, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    storage.push_tree(view, "data")  # the next stage's push: nothing read
+    assert hashed == []
+    (view / "data" / "b.bin").write_bytes(b"changed")
+    storage.push_tree(view, "data")
+    assert hashed == ["b.bin"]
+    assert json.loads(store.read_bytes("data/.contents.json"))["b.bin"][0] == len(b"changed")
+    assert store.read_bytes("data/b.bin") == b"changed"
+
+
 def test_a_tree_without_its_contents_file_is_a_one_line_error(runs, cache):
     from raylm import storage
     from raylm.errors import UserError
