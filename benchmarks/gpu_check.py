@@ -13,6 +13,8 @@ reports on all of them:
 - ``resume``: step 8's checkpoint and the final weights removed, the stage
   resumes from step 4 (CUDA RNG states restored) and redoes steps 5-8 with the
   same losses, up to GPU kernels' run-to-run differences (point 6);
+- ``mixture`` and ``classify``: a pretrain stage mixing two corpora by weight,
+  then a classify stage on the built-in topic task from its weights;
 - ``bf16_zero3`` and ``fp32_tf32``: the other precision and ZeRO paths, with a
   checkpoint;
 - ``generate`` and ``eval``: ``raylm generate`` (sampling, so the GPU
@@ -85,9 +87,10 @@ class Checks:
         print(f"{name}: rc={rc} in {self.results[name]['wall_s']} s", flush=True)
         return rc == 0
 
-    def train(self, name: str, run_dir: Path, preset: str, overrides: List[str], timeout_s: int) -> bool:
+    def train(self, name: str, run_dir: Path, preset: str, overrides: List[str], timeout_s: int, stage: int = 0) -> bool:
+        """Stage ``stage`` of a run (one pretrain stage unless ``overrides`` set ``stages``)."""
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                "-m", "raylm.trainer.torchrun_main", "--run-dir", str(run_dir), preset,
+                "-m", "raylm.trainer.torchrun_main", "--run-dir", str(run_dir), "--stage", str(stage), preset,
                 "stages=[{name: pretrain, kind: pretrain}]", "cluster.num_workers=1",
                 f"cluster.use_gpu={'true' if self.gpu else 'false'}", *QUIET, *overrides]
         return self.command(name, argv, timeout_s)
@@ -139,10 +142,28 @@ def small_checks(checks: Checks, low: str) -> None:
             checks.note("resume", steps_redone=sorted(redone), max_loss_difference=worst,
                         ok=sorted(redone) == list(range(5, SMALL_STEPS + 1)) and worst < 2e-2)
 
+    stage_kinds(checks, small, low)
     checks.train("bf16_zero3", checks.scratch / "bf16_zero3", "tiny",
                  [*small, f"train.precision={low}", "parallel.zero_stage=3", "train.max_steps=6", "train.ckpt_every=3", "train.eval_every=0"], 240)
     checks.train("fp32_tf32", checks.scratch / "fp32_tf32", "tiny",
                  [*small, "train.precision=fp32", "parallel.zero_stage=1", "train.max_steps=4", "train.ckpt_every=4", "train.eval_every=0"], 240)
+
+
+def stage_kinds(checks: Checks, small: List[str], low: str) -> None:
+    """A mixture of two corpora, then a classify stage on the built-in topic task from its weights."""
+    extra = checks.scratch / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog."}) + "\n" for i in range(400)))
+    run = checks.scratch / "kinds"
+    stages = ("stages=[{name: pretrain, kind: pretrain, data: {sources: [{path: 'builtin:pydoc', weight: 0.7}, "
+              f"{{path: '{extra}', weight: 0.3}}]}}}}, {{name: topics, kind: classify, data: {{source: 'builtin:pydoc-topic'}}}}]")
+    common = [*small, stages, f"train.precision={low}", "parallel.zero_stage=1", "train.max_steps=6", "train.ckpt_every=0",
+              "train.eval_every=0"]
+    if checks.train("mixture", run, "tiny", common, 240, stage=0):
+        summary = json.loads((run / "pretrain" / "summary.json").read_text())
+        checks.note("mixture", consumed_by_source=summary.get("consumed_by_source"), ok=bool(summary.get("consumed_by_source")))
+        if checks.train("classify", run, "tiny", common, 240, stage=1):
+            summary = json.loads((run / "topics" / "summary.json").read_text())
+            checks.note("classify", accuracy=summary.get("accuracy"), ok=summary.get("accuracy") is not None)
 
 
 def big_check(checks: Checks, preset: str, steps: int, low: str) -> None:
