@@ -1,7 +1,8 @@
 """Data preparation throughput, and a launch's time to its first step on a prepared dataset, in one run.
 
-1. Build a corpus locally (nothing from the network): the Python standard
-   library's ``.py`` sources and pydoc help topics, shuffled and repeated to
+1. Build a corpus locally (nothing from the network): the ``.py`` files under
+   ``sysconfig``'s stdlib directory (with a pyenv interpreter that includes its
+   ``site-packages``) and the pydoc help topics, shuffled and repeated to
    ``--size-mb`` of text, as equal JSONL files (one document per line) and a
    tenth of it as plain ``.txt`` files (a few hundred documents back to back in
    each, one document per file), all in one directory.
@@ -67,7 +68,7 @@ BATCH = 512  # raylm.data.prepare.ENCODE_BATCH_DOCUMENTS
 
 
 def source_documents() -> List[str]:
-    """The standard library's .py files and pydoc topics (UTF-8, non-blank), in a fixed order."""
+    """The .py files under the stdlib directory (site-packages too, where it lies inside) and pydoc topics (UTF-8, non-blank)."""
     from raylm.data.corpus import pydoc_topics
 
     docs = []
