@@ -168,6 +168,51 @@ def test_rerun_of_the_command_keeps_its_tokenizer_and_shards(tmp_path):
     assert _mtimes(tmp_path / "out") == before
 
 
+def test_encode_batches_are_bounded_by_documents_and_text():
+    from raylm.data.prepare import _batches
+
+    docs = ["a" * n for n in (3, 3, 3, 9, 1, 1, 1, 1, 1)]
+    assert [[len(d) for d in b] for b in _batches(docs, size=4, max_chars=8)] == [[3, 3], [3], [9], [1, 1, 1, 1], [1]]
+    assert [len(b) for b in _batches(DOCS, size=512)] == [len(DOCS)]
+
+
+def test_a_rerun_with_nothing_to_tokenize_starts_no_cluster(monkeypatch, tmp_path):
+    """Every shard is reused: no Ray cluster is started or joined (that alone took 8 s of a no-op rerun)."""
+    import raylm.cluster.connect
+
+    (tmp_path / "t.txt").write_text(" ".join(DOCS))
+    args = ["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out"), "--vocab-size", "300"]
+    assert main([*args, "--workers", "1"]) == 0
+    before = _mtimes(tmp_path / "out")
+
+    def no_cluster(*_, **__):
+        raise AssertionError("a cluster was started with nothing to tokenize")
+
+    monkeypatch.setattr(raylm.cluster.connect, "start_or_connect", no_cluster)
+    assert main([*args, "--workers", "2"]) == 0
+    assert main([*args, "--address", "127.0.0.1:1"]) == 0
+    assert _mtimes(tmp_path / "out") == before
+
+
+def test_a_task_runs_tokenizers_on_one_thread_and_restores_the_environment(monkeypatch):
+    from raylm.cluster.tasks import TASK_ENV, _on_one_core
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "7")
+    assert _on_one_core(lambda keys: [os.environ.get(k) for k in keys], list(TASK_ENV)) == list(TASK_ENV.values())
+    assert "TOKENIZERS_PARALLELISM" not in os.environ and os.environ["RAYON_NUM_THREADS"] == "7"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ray_tasks_see_the_one_thread_environment(ray_cluster):
+    """Set in the task's process (no runtime_env of its own, which would cost a fresh worker per slot)."""
+    from raylm.cluster.tasks import TASK_ENV, map_unordered
+
+    got = dict(map_unordered(os.getenv, list(TASK_ENV), 2))
+    assert [got[i] for i in range(len(TASK_ENV))] == list(TASK_ENV.values())
+
+
 def _bad(tmp_path: Path, name: str, content) -> Path:
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

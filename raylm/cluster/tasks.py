@@ -7,13 +7,32 @@ line, not per document.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator, Sequence, Tuple
 
 from raylm.errors import UserError
 
 TASK_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 """One core per task: the tasks themselves are the parallelism (HF tokenizers would
-otherwise start a thread per core in every task)."""
+otherwise start a thread per core in every task). Set in the task's process while it
+runs, not as a Ray ``runtime_env``: a runtime_env of its own keeps Ray from using the
+workers it has already started and costs a fresh worker per slot (4.5-6.5 s more
+before the first shard on the 2-core benchmark machine). ``TOKENIZERS_PARALLELISM``
+is read at every ``encode_batch`` call, so ``false`` makes it serial whenever set."""
+
+
+def _on_one_core(fn: Callable[[Any], Any], item: Any) -> Any:
+    """``fn(item)`` with TASK_ENV in the environment, which is restored afterwards (the worker may run other work)."""
+    saved = {key: os.environ.get(key) for key in TASK_ENV}
+    os.environ.update(TASK_ENV)
+    try:
+        return fn(item)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def map_unordered(fn: Callable[[Any], Any], items: Sequence[Any], max_in_flight: int) -> Iterator[Tuple[int, Any]]:
@@ -24,13 +43,13 @@ def map_unordered(fn: Callable[[Any], Any], items: Sequence[Any], max_in_flight:
     """
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False, runtime_env={"env_vars": TASK_ENV})(fn)
+    remote = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_on_one_core)
     pending = {}
     next_item = 0
     try:
         while pending or next_item < len(items):
             while next_item < len(items) and len(pending) < max_in_flight:
-                pending[remote.remote(items[next_item])] = next_item
+                pending[remote.remote(fn, items[next_item])] = next_item
                 next_item += 1
             done, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(done[0])

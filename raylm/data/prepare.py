@@ -36,7 +36,13 @@ MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 FORMAT = "raylm-prepared-1"
 ENCODE_BATCH_DOCUMENTS = 512
-"""Documents handed to the tokenizer at once: big enough to use every core, small enough to stream."""
+ENCODE_BATCH_CHARS = 1 << 20
+"""Documents handed to the tokenizer at once: up to 512 of them and about 1 MiB of text (whichever
+comes first; a longer document goes alone), big enough to use every core, small enough to stream.
+The text bound caps one batch's memory: HF tokenizers' encodings and the lists of ids cost a few hundred
+bytes per token while a batch is in flight (+46 MB over the process' baseline instead of +183 MB for
+512 documents of 16 KB Python sources: BENCHMARKS.md, "Data preparation throughput", which also shows
+what is not bounded yet)."""
 TOKENIZER_SAMPLE_BYTES = 64 << 20
 """Text a tokenizer is trained on at most, taken evenly from the inputs' first documents."""
 HASH_CHUNK = 1 << 20
@@ -90,13 +96,19 @@ class ShardJob:
     text_field: str
 
 
-def _batches(documents: Iterable[str], size: int) -> Iterator[List[str]]:
+def _batches(documents: Iterable[str], size: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[List[str]]:
+    """Lists of at most ``size`` documents whose text stays under ``max_chars`` (a longer document goes alone)."""
     batch: List[str] = []
+    chars = 0
     for document in documents:
+        if batch and chars + len(document) > max_chars:
+            yield batch
+            batch, chars = [], 0
         batch.append(document)
+        chars += len(document)
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 

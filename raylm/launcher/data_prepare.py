@@ -93,16 +93,9 @@ def _prepare(args) -> int:
         tokenizer = _tokenizer(out, inputs, args)
         reused: List[Dict[str, Any]] = []
         on_ray = args.workers != 1 or args.address is not None
-        if on_ray:  # started before the bar, so that its MB/s is the tokenizing rate
-            from raylm.cluster.connect import choose_address, start_or_connect
-            from raylm.cluster.tasks import map_unordered
-
-            address, chosen_by = choose_address(args.address, "--address")
-            info = start_or_connect(address, args.workers, chosen_by=chosen_by or "--address")
-            connected = True
-            slots = args.workers or max(1, int(info.cpus))
         with _progress(console) as bar:
-            task = bar.add_task("tokenizing", total=len(inputs), mb=0.0, tokens=0)
+            # On Ray the bar's clock starts once the cluster is up, so that its MB/s is the tokenizing rate.
+            task = bar.add_task("tokenizing", total=len(inputs), mb=0.0, tokens=0, start=not on_ray)
 
             def advance(text_bytes: int, tokens: int) -> None:
                 fields = bar.tasks[task].fields
@@ -116,7 +109,16 @@ def _prepare(args) -> int:
                 bar.advance(task)
 
             def on_cluster(fn, jobs):
-                return map_unordered(fn, jobs, slots)
+                # Called only when some shard needs tokenizing: a rerun with nothing to do starts no cluster.
+                nonlocal connected
+                from raylm.cluster.connect import choose_address, start_or_connect
+                from raylm.cluster.tasks import map_unordered
+
+                address, chosen_by = choose_address(args.address, "--address")
+                info = start_or_connect(address, args.workers, chosen_by=chosen_by or "--address")
+                connected = True
+                bar.start_task(task)
+                return map_unordered(fn, jobs, args.workers or max(1, int(info.cpus)))
 
             runner = on_cluster if on_ray else run_here(advance)
             manifest = prepare(inputs, out, tokenizer, args.text_field, runner=runner, on_shard_done=shard_done)
