@@ -159,7 +159,7 @@ class StageTrainer:
                             f"{self.state.lora}; restore that setting, or start a new stage from this one's initial weights")
         self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
         if self.reshard:
-            self.session.fetch(self.resume_from, lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/"))
+            self.session.fetch(self.resume_from, self._with_records(lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/")))
         self.init_path = initial_weights(run_dir, self.run, stage_index)
         weights = self._weight_source(self.init_path)
         torch.manual_seed(self.cfg.train.seed)
@@ -276,7 +276,7 @@ class StageTrainer:
             if self.is_logger:
                 print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
         else:
-            self.session.fetch(path, read_by_rank(self.engine, self.ctx.rank))
+            self.session.fetch(path, self._with_records(read_by_rank(self.engine, self.ctx.rank)))
             load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
                                                        load_module_strict=self.lora is None)  # a LoRA checkpoint lacks the frozen base
             if load_path is None:
@@ -286,15 +286,16 @@ class StageTrainer:
         self.replay_records(path)
         self.log({"step": saved.step, "kind": "event", "event": "resumed", "path": str(path), "consumed_samples": saved.consumed_samples})
 
+    def _with_records(self, wanted: Callable[[str], bool]) -> Callable[[str], bool]:
+        """The checkpoint files this rank reads on resume: ``wanted``, and on rank 0 the stage's records."""
+        return lambda rel: wanted(rel) or (self.is_logger and rel == RECORDS_FILE)
+
     def replay_records(self, checkpoint: Path) -> None:
         """Take back the stage's records up to ``checkpoint`` and, where a launcher keeps them (Ray's driver), send
         them again marked ``replayed``: a driver that died took with it what it had not written yet, possibly
         steps before this checkpoint, which no rank redoes. The launcher keeps those it lacks.
         (A checkpoint written before raylm kept records has none to give back.)"""
-        if not self.is_logger:
-            return
-        self.session.fetch(checkpoint, lambda rel: rel == RECORDS_FILE)
-        if not (checkpoint / RECORDS_FILE).is_file():
+        if not self.is_logger or not (checkpoint / RECORDS_FILE).is_file():
             return
         kept = read_records(checkpoint / RECORDS_FILE)
         self.history = kept + self.history
