@@ -164,3 +164,17 @@ def test_config_keys_lists_the_distill_settings(capsys):
     out = capsys.readouterr().out
     for key in ("stages.N.teacher", "stages.N.distill.temperature = 2.0", "stages.N.distill.alpha = 0.5"):
         assert key in out, key
+
+
+def test_a_first_stage_distilling_from_a_directory_takes_the_teachers_tokenizer(tmp_path):
+    from raylm.configs.loader import load_config
+    from raylm.data.tokenizer import Tokenizer
+    from raylm.trainer import run_dir as rundir
+    from raylm.trainer.stage_data import prepare_stage_data
+
+    teacher = _teacher_copy(tmp_path, "teacher")  # a byte tokenizer; the stage's own data.tokenizer would train a BPE
+    run = load_config("tiny", [*SHORT, f"runs_dir={tmp_path / 'runs'}", "name=student", "data.tokenizer=bpe",
+                               f"stages=[{{name: student, kind: distill, teacher: {teacher}}}]"])
+    data = prepare_stage_data(rundir.create(run, "student"), run, 0)
+    assert data.tokenizer.fingerprint == Tokenizer.load(teacher).fingerprint
+    assert data.train.num_samples > 0  # pretraining data, packed as a pretrain stage reads it
