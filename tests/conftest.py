@@ -33,6 +33,8 @@ TINY_PRETRAIN = [
     "train.precision=fp32",
     "cluster.use_gpu=false",
 ]
+TINY_SETTINGS = [item for item in TINY_PRETRAIN if not item.startswith("stages")]
+"""TINY_PRETRAIN without its one stage: for tests that give their own ``stages``."""
 
 
 def one_line_error(capsys, *args: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_PRETRAIN, finished_run, one_line_error
+from conftest import TINY_SETTINGS, finished_run, one_line_error
 from raylm.configs.schema import DistillConfig
 from raylm.data.tokenizer import train_tokenizer
 from raylm.launcher.cli import main
@@ -104,8 +104,6 @@ def test_the_teacher_is_frozen_in_eval_mode_in_the_compute_dtype_and_gives_the_s
 
 # --- the CLI's refusals ------------------------------------------------------------------------------------------
 
-SHORT = [f"{key}={value}" for key, value in (item.split("=", 1) for item in TINY_PRETRAIN) if not key.startswith("stages")]
-
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
@@ -132,7 +130,7 @@ def _distill_after_pretrain(teacher: str, extra: str = "") -> str:
      "stages.1.teacher='topic' is a classify stage"),
 ])
 def test_bad_distill_configs_are_refused_before_anything_starts(in_tmp, capsys, stages, fragment):
-    assert fragment in one_line_error(capsys, "launch", *SHORT, stages)
+    assert fragment in one_line_error(capsys, "launch", *TINY_SETTINGS, stages)
     assert not (in_tmp / "runs").exists()
 
 
@@ -143,7 +141,7 @@ def _teacher_copy(tmp_path: Path, name: str) -> Path:
 
 def test_a_teacher_of_another_vocabulary_is_refused_from_its_headers(in_tmp, capsys):
     teacher = _teacher_copy(in_tmp, "teacher")
-    line = one_line_error(capsys, "launch", *SHORT, "model.vocab_size=1024", "data.tokenizer=byte",
+    line = one_line_error(capsys, "launch", *TINY_SETTINGS, "model.vocab_size=1024", "data.tokenizer=byte",
                           f"stages=[{{name: student, kind: distill, teacher: {teacher}}}]")
     assert f"stages.0.teacher: the teacher in {teacher} has model.vocab_size=512, the student 1024" in line
     assert not (in_tmp / "runs").exists()
@@ -153,7 +151,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_data_is_tokenize
     student_start = _teacher_copy(in_tmp, "start")  # a byte tokenizer
     teacher = _teacher_copy(in_tmp, "teacher")
     train_tokenizer(["a few words to merge, words and more words"] * 20, "bpe", 270).save(teacher)
-    line = one_line_error(capsys, "launch", *SHORT, "data.tokenizer=byte",
+    line = one_line_error(capsys, "launch", *TINY_SETTINGS, "data.tokenizer=byte",
                           f"stages=[{{name: student, kind: distill, teacher: {teacher}, init_from: {student_start}}}]")
     assert f"stages.0.teacher: the teacher in {teacher} was trained with another tokenizer than this run's (bpe, " in line
     assert not (in_tmp / "runs").exists()
@@ -173,7 +171,7 @@ def test_a_first_stage_distilling_from_a_directory_takes_the_teachers_tokenizer(
     from raylm.trainer.stage_data import prepare_stage_data
 
     teacher = _teacher_copy(tmp_path, "teacher")  # a byte tokenizer; the stage's own data.tokenizer would train a BPE
-    run = load_config("tiny", [*SHORT, f"runs_dir={tmp_path / 'runs'}", "name=student", "data.tokenizer=bpe",
+    run = load_config("tiny", [*TINY_SETTINGS, f"runs_dir={tmp_path / 'runs'}", "name=student", "data.tokenizer=bpe",
                                f"stages=[{{name: student, kind: distill, teacher: {teacher}}}]"])
     data = prepare_stage_data(rundir.create(run, "student"), run, 0)
     assert data.tokenizer.fingerprint == Tokenizer.load(teacher).fingerprint

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PRETRAIN, forget_after, launch_in_process, losses, read_metrics, resume_in_process
+from conftest import TINY_SETTINGS, forget_after, launch_in_process, losses, read_metrics, resume_in_process
 from raylm.launcher.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -25,8 +25,7 @@ STAGES = ("stages=[{name: pretrain, kind: pretrain}, {name: student, kind: disti
 
 @pytest.fixture(scope="module")
 def distilled(ray_cluster, tmp_path_factory) -> Path:
-    overrides = [item for item in TINY_PRETRAIN if not item.startswith("stages")]
-    return launch_in_process(tmp_path_factory.mktemp("distill"), "distill", [*overrides, STAGES])
+    return launch_in_process(tmp_path_factory.mktemp("distill"), "distill", [*TINY_SETTINGS, STAGES])
 
 
 def test_every_step_logs_the_loss_as_its_kl_and_cross_entropy_parts(distilled):
