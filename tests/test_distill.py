@@ -176,3 +176,21 @@ def test_a_first_stage_distilling_from_a_directory_takes_the_teachers_tokenizer(
     data = prepare_stage_data(rundir.create(run, "student"), run, 0)
     assert data.tokenizer.fingerprint == Tokenizer.load(teacher).fingerprint
     assert data.train.num_samples > 0  # pretraining data, packed as a pretrain stage reads it
+
+
+def test_a_hugging_face_llama_directory_teaches_as_the_raylm_weights_it_was_exported_from(tmp_path, capsys):
+    from raylm.configs.loader import load_config
+    from raylm.data.tokenizer import Tokenizer
+    from raylm.trainer.distill import check_teacher, check_teacher_tokenizer
+
+    run_dir = finished_run(tmp_path)
+    hf_dir = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(hf_dir)]) == 0
+    student = load_config("tiny", [*TINY_SETTINGS, "model.d_model=64"]).model
+    assert check_teacher(hf_dir, student, "stages.0.teacher").d_model == 128  # another shape, the same vocabulary
+    check_teacher_tokenizer(Tokenizer.load(run_dir / "pretrain" / "final"), hf_dir, "stages.0.teacher")
+    tokens = torch.randint(0, student.vocab_size, (2, 16))
+    with torch.no_grad():
+        from_hf = load_teacher(hf_dir, torch.device("cpu"), torch.float32)(tokens)
+        from_raylm = load_teacher(run_dir / "pretrain" / "final", torch.device("cpu"), torch.float32)(tokens)
+    assert torch.equal(from_hf, from_raylm)
