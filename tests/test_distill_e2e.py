@@ -51,6 +51,7 @@ def test_a_resume_from_the_step_3_checkpoint_repeats_the_uninterrupted_steps(dis
     forget_after(resumed, 3, stage="student")
     resume_in_process(resumed, [])
     assert [r["step"] for r in read_metrics(resumed, "student", kind="event") if r.get("event") == "resumed"] == [3]
+    assert [r["step"] for r in read_metrics(resumed, "student")] == [1, 2, 3, 4, 5, 4, 5]  # steps 4 and 5 trained again
     assert losses(resumed, "student") == losses(distilled, "student")
     parts = lambda run: {r["step"]: (r["kl"], r["ce"]) for r in read_metrics(run, "student")}  # noqa: E731
     assert parts(resumed) == parts(distilled)
