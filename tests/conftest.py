@@ -33,6 +33,8 @@ TINY_PRETRAIN = [
     "train.precision=fp32",
     "cluster.use_gpu=false",
 ]
+TINY_SETTINGS = [item for item in TINY_PRETRAIN if not item.startswith("stages")]
+"""TINY_PRETRAIN without its one stage: for tests that give their own ``stages``."""
 
 
 def one_line_error(capsys, *args: str) -> str:
@@ -129,9 +131,9 @@ def resume_in_process(run_dir: Path, overrides: List[str]) -> None:
     run_all(run_dir, run, ray_info(), Console(quiet=True))
 
 
-def forget_after(run_dir: Path, step: int) -> None:
-    """Leave the stage as a job that died right after checkpoint ``step`` would have left it."""
-    stage_dir = run_dir / "pretrain"
+def forget_after(run_dir: Path, step: int, stage: str = "pretrain") -> None:
+    """Leave ``stage`` as a job that died right after checkpoint ``step`` would have left it."""
+    stage_dir = run_dir / stage
     for path in stage_dir.glob("step_*"):
         if int(path.name.split("_")[1]) > step:
             shutil.rmtree(path)

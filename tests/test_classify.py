@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_PRETRAIN, one_line_error
+from conftest import TINY_SETTINGS, one_line_error
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.data import prepare_dataset
@@ -122,7 +122,7 @@ def test_labels_are_the_sorted_strings_of_the_training_split(tmp_path):
     assert meta["labels"] == ["b", "c", "d"] and meta["train_examples"] + meta["val_examples"] == 30
 
 
-SHORT = [item for item in TINY_PRETRAIN if not item.startswith("stages")] + ["data.tokenizer=byte"]
+SHORT = [*TINY_SETTINGS, "data.tokenizer=byte"]
 
 
 def _launch_classify(source: str) -> list:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import TINY_PRETRAIN, launch_in_process
+from conftest import TINY_SETTINGS, launch_in_process
 from raylm.data.pydoc_topic import BUILTIN_PYDOC_TOPIC, TOPIC_GROUPS
 from raylm.launcher.cli import main
 from raylm.launcher.stages import print_summary
@@ -29,8 +29,7 @@ STAGES = ("stages=[{name: pretrain, kind: pretrain}, {name: classify, kind: clas
 
 @pytest.fixture(scope="module")
 def classified(ray_cluster, tmp_path_factory) -> Path:
-    overrides = [item for item in TINY_PRETRAIN if not item.startswith("stages")]
-    return launch_in_process(tmp_path_factory.mktemp("classify"), "cls", [*overrides, STAGES])
+    return launch_in_process(tmp_path_factory.mktemp("classify"), "cls", [*TINY_SETTINGS, STAGES])
 
 
 def test_the_summary_has_accuracy_above_chance_and_per_class_counts(classified):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_PRETRAIN, finished_run, one_line_error
+from conftest import TINY_SETTINGS, finished_run, one_line_error
 from raylm.launcher.cli import main
 
 
@@ -103,7 +103,7 @@ def test_ray_address_from_the_environment_is_honoured(tmp_path, capsys, monkeypa
 
 
 # Launches whose inputs turn out unusable only once data or weights are read: one line, and no runs/ left behind.
-SHORT = [f"{key}={value}" for key, value in (item.split("=", 1) for item in TINY_PRETRAIN) if not key.startswith("stages")]
+SHORT = TINY_SETTINGS
 
 
 def _empty_corpus(tmp_path: Path) -> list:

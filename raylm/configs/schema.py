@@ -150,12 +150,20 @@ class LoraConfig:
 
 
 @dataclass
+class DistillConfig:
+    temperature: float = _f(2.0, "Softening temperature T of both distributions in the KL term (> 0); the term is scaled by T^2 so its gradients keep their size as T changes.")
+    alpha: float = _f(0.5, "Weight of the KL-to-teacher term in [0, 1]; the next-token cross-entropy gets 1 - alpha (0 is plain pretraining, 1 pure distillation).")
+
+
+@dataclass
 class StageConfig:
     name: str = _f("pretrain", "Stage name; also its directory under the run.")
     kind: str = _f(
         "pretrain",
-        "'pretrain' (next-token loss on the corpus), 'sft' (loss on responses only) or 'classify' (a class head on the last "
-        "token's hidden state, cross-entropy over the labels; needs parallel.tp=1, parallel.pp=1, no lora; held-out accuracy in the summary).",
+        "'pretrain' (next-token loss on the corpus), 'sft' (loss on responses only), 'classify' (a class head on the last "
+        "token's hidden state, cross-entropy over the labels; needs parallel.tp=1, parallel.pp=1, no lora; held-out accuracy in the summary) "
+        "or 'distill' (pretraining data, loss mixing KL to a teacher's distribution with the next-token loss; needs teacher, "
+        "parallel.tp=1, parallel.pp=1, no lora).",
     )
     init_from: Optional[str] = _f(None, "Weights to start from: a raylm final/ or Hugging Face Llama directory; null means the previous stage's final weights (or a fresh init for the first stage).")
     data: Dict[str, Any] = _f({}, "Overrides of the data section for this stage.")
@@ -168,6 +176,17 @@ class StageConfig:
         "Train LoRA adapters on a frozen base instead of every weight (e.g. {rank: 8, alpha: 16, targets: [wq, wv]}); "
         "needs parallel.tp=1, parallel.pp=1 and parallel.zero_stage 0-2. The stage still ends with dense weights in final/, "
         "and its adapter in PEFT's format in final/adapter/. null trains every weight.",
+    )
+    teacher: Optional[str] = _f(
+        None,
+        "The teacher of a distill stage: the name of an earlier stage of this run, or a raylm final/ or Hugging Face Llama directory. "
+        "It may be larger or shaped otherwise, but must share the run's tokenizer and model.vocab_size; each rank holds a whole copy "
+        "in the stage's compute dtype. null for every other kind.",
+    )
+    distill: Optional[DistillConfig] = _f(
+        None,
+        "A distill stage's loss: {temperature, alpha}, alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * next-token loss; "
+        "null means the defaults (temperature 2, alpha 0.5). Only for kind distill.",
     )
     eval_tasks: Optional[str] = _f(
         None,

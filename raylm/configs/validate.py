@@ -10,14 +10,15 @@ import math
 from pathlib import Path
 from typing import List
 
-from raylm.configs.schema import DataConfig, DataSourceConfig, LoraConfig, RunConfig
+from raylm.configs.schema import DataConfig, DataSourceConfig, DistillConfig, LoraConfig, RunConfig
 from raylm.errors import UserError
 from raylm.storage import check_uri, is_uri
 from raylm.parallelism.zero import batch_splits, batch_unit
 
 BYTE_TOKENIZER_MIN_VOCAB = 262  # 256 bytes + the 6 special tokens of raylm.data.tokenizer
-STAGE_KINDS = ("pretrain", "sft", "classify")
-BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",), "classify": ("builtin:pydoc-topic",)}
+STAGE_KINDS = ("pretrain", "sft", "classify", "distill")
+BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",), "classify": ("builtin:pydoc-topic",),
+                   "distill": ("builtin:pydoc",)}
 
 
 def _positive(value: float, key: str, strict: bool = True) -> None:
@@ -153,7 +154,7 @@ def _check_corpus(source: str, key: str, kind: str) -> None:
 
 def validate_sources(sources: List[DataSourceConfig], key: str, kind: str) -> None:
     """A mixture's list: ``key`` is where it was set (``data.sources`` or ``stages.N.data.sources``)."""
-    if kind != "pretrain":
+    if kind not in ("pretrain", "distill"):
         raise UserError(f"{key} mixes pretraining corpora but this stage is {kind}; give it one data.source instead")
     if not sources:
         raise UserError(f"{key} is empty; list sources as [{{path: ..., weight: ...}}, ...], or set it to null to read data.source")
@@ -240,6 +241,52 @@ def validate_classify(run: RunConfig, index: int, stage_run: RunConfig) -> None:
                         f"classifier; set {key}.init_from to a language model's weights, or make the classify stage the last")
 
 
+def validate_distill(run: RunConfig, index: int, stage_run: RunConfig) -> None:
+    """A distill stage names its teacher (an earlier stage, or a directory: checked as weights before the launch,
+    in ``raylm.launcher.stages.check_teachers``) and runs one whole student and teacher per rank: the KL term needs
+    every vocabulary entry of both models' logits on one rank (tensor parallelism splits them) and the teacher's
+    logits beside the student's last pipeline stage. Other kinds take neither teacher nor distill settings."""
+    stage = run.stages[index]
+    key = f"stages.{index}"
+    if stage.kind != "distill":
+        for option in ("teacher", "distill"):
+            if getattr(stage, option) is not None:
+                raise UserError(f"stage '{stage.name}': {key}.{option} is for kind distill, this stage is {stage.kind}; "
+                                f"remove it or set {key}.kind=distill")
+        return
+    if stage.teacher is None:
+        raise UserError(f"stage '{stage.name}': kind distill needs {key}.teacher: an earlier stage's name, or a raylm final/ "
+                        "or Hugging Face Llama directory")
+    names = [s.name for s in run.stages]
+    earlier = f"the stages before it are {', '.join(repr(n) for n in names[:index])}" if index else "no stage comes before it"
+    if stage.teacher in names:
+        teacher_index = names.index(stage.teacher)
+        if teacher_index >= index:
+            raise UserError(f"stage '{stage.name}': {key}.teacher={stage.teacher!r} is not an earlier stage (it has not trained "
+                            f"yet; {earlier}); name an earlier stage or a raylm final/ or Hugging Face Llama directory")
+        if run.stages[teacher_index].kind == "classify":
+            raise UserError(f"stage '{stage.name}': {key}.teacher={stage.teacher!r} is a classify stage, whose weights are a "
+                            "classifier; name a language model's stage or directory")
+    elif not Path(stage.teacher).is_dir():
+        raise UserError(f"stage '{stage.name}': {key}.teacher={stage.teacher!r} is neither a stage of this run nor a directory "
+                        f"({earlier}); name an earlier stage or a raylm final/ or Hugging Face Llama directory")
+    if is_uri(run.runs_dir):
+        raise UserError(f"stage '{stage.name}': kind distill cannot run in object storage (runs_dir={run.runs_dir!r}) yet: "
+                        "workers read the teacher from a disk they share with the driver; use a local or shared runs_dir")
+    parallel = stage_run.parallel
+    for degree in ("tp", "pp"):
+        if getattr(parallel, degree) > 1:
+            raise UserError(f"stage '{stage.name}': kind distill cannot run with parallel.{degree}={getattr(parallel, degree)}; "
+                            f"set {key}.parallel.{degree}=1 (student and teacher are whole on each rank, data parallelism and ZeRO still apply)")
+    if stage.lora is not None:
+        raise UserError(f"stage '{stage.name}': kind distill does not take {key}.lora; remove it (every student weight trains)")
+    settings = stage.distill or DistillConfig()
+    if not (math.isfinite(settings.temperature) and settings.temperature > 0):
+        raise UserError(f"stage '{stage.name}': {key}.distill.temperature={settings.temperature} must be > 0")
+    if not 0 <= settings.alpha <= 1:
+        raise UserError(f"stage '{stage.name}': {key}.distill.alpha={settings.alpha} must be in [0, 1] (the KL term's share)")
+
+
 def validate_stages(run: RunConfig) -> None:
     from raylm.configs.loader import resolve_stage
 
@@ -261,6 +308,7 @@ def validate_stages(run: RunConfig) -> None:
             check_spec(stage.eval_tasks, f"stages.{index}.eval_tasks")
         stage_run = resolve_stage(run, index)
         validate_classify(run, index, stage_run)
+        validate_distill(run, index, stage_run)
         for rule in (validate_model, validate_training, validate_parallel, validate_cluster):
             try:
                 rule(stage_run)

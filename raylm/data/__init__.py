@@ -32,7 +32,14 @@ from raylm.data.sft import SftRows, build_sft, iter_sft_examples
 from raylm.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from raylm.errors import UserError, first_line
 
-STAGE_KINDS = ("pretrain", "sft", "classify")
+STAGE_KINDS = ("pretrain", "sft", "classify", "distill")
+
+
+def data_kind(kind: str) -> str:
+    """The kind of dataset a stage kind reads: a distill stage learns from a teacher on pretraining data."""
+    return "pretrain" if kind == "distill" else kind
+
+
 MIXTURE_FILE = "mixture.json"
 """A mixture's record in its stage directory (its sources in order, the seed): written last."""
 SOURCES_DIR = "sources"
@@ -238,7 +245,7 @@ def _classify_splits(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path
 def open_dataset(kind: str, model_cfg: ModelConfig, out_dir: Path) -> Tuple[Union[PackedTokens, SftRows], Union[PackedTokens, SftRows]]:
     """(train reader, val reader) of a stage dataset ``prepare_dataset`` built into ``out_dir`` from raw
     sources, opened from its files alone (where its sources are out of reach)."""
-    out_dir = Path(out_dir)
+    out_dir, kind = Path(out_dir), data_kind(kind)
     try:
         if kind == "pretrain" and (out_dir / MIXTURE_FILE).is_file():
             source_dirs = [_source_dir(out_dir, s["path"]) for s in read_meta(out_dir, MIXTURE_FILE)["sources"]]
@@ -273,7 +280,7 @@ def prepare_dataset(
     """
     if kind not in STAGE_KINDS:
         raise UserError(f"stage kind {kind!r} has no dataset; use one of {', '.join(STAGE_KINDS)}")
-    out_dir = Path(out_dir)
+    out_dir, kind = Path(out_dir), data_kind(kind)
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "pretrain" and data_cfg.sources is not None:
         return _mixture_splits(data_cfg, model_cfg, out_dir, seed, tokenizer)

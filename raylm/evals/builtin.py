@@ -30,6 +30,7 @@ import yaml
 
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig
+from raylm.data import data_kind
 from raylm.data.corpus import BUILTIN_PYDOC, pydoc_topics
 from raylm.data.split import held_out_mask
 from raylm.data.tokenizer import Tokenizer
@@ -56,7 +57,7 @@ def held_out_topics(run: RunConfig, stage_index: int, tokenizer: Tokenizer) -> L
     keep = np.ones(len(topics), dtype=bool)
     for index in range(stage_index + 1):
         cfg = resolve_stage(run, index)
-        if run.stages[index].kind == "pretrain" and BUILTIN_PYDOC in cfg.data.corpora():
+        if data_kind(run.stages[index].kind) == "pretrain" and BUILTIN_PYDOC in cfg.data.corpora():
             # The sizes split_segments holds documents out by: their tokens and the <|endoftext|> after each.
             sizes = [len(ids) + 1 for ids in tokenizer.encode_batch([text for _, text in topics])]
             keep &= held_out_mask(sizes, cfg.data.val_fraction, cfg.train.seed)

@@ -21,7 +21,8 @@ from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.progress import StageProgress
 from raylm.launcher.timeline import stage_timeline
 from raylm.data.prepare import is_prepared
-from raylm.trainer.run_inputs import stage_inputs
+from raylm.trainer.distill import check_teacher
+from raylm.trainer.run_inputs import outside_teacher, stage_inputs
 from raylm.trainer.stage_data import StageData, prepare_stage_data
 from raylm.trainer.worker import check_init_weights
 from raylm.trainer.checkpoint import RAY_SNAPSHOT
@@ -60,14 +61,17 @@ def _placement(cfg: RunConfig, info: ClusterInfo) -> Tuple[bool, str]:
 
 
 def check_init_from(run: RunConfig) -> None:
-    """Every ``stages.N.init_from`` holds weights of this config's shape (their config.json and
-    safetensors headers only), before anything is created."""
+    """Every ``stages.N.init_from`` holds weights of this config's shape, and every teacher from outside the run
+    whole weights of the run's vocabulary (their config.json and safetensors headers only), before anything is created."""
     for index, stage in enumerate(run.stages):
         if stage.init_from:
             try:
                 check_init_weights(resolve_stage(run, index), Path(stage.init_from))
             except UserError as err:
                 raise UserError(f"stages.{index}.init_from: {err}") from None
+        teacher = outside_teacher(run, index)
+        if teacher is not None:
+            check_teacher(teacher, run.model, f"stages.{index}.teacher")
 
 
 def _prepared(run_dir: Path, run: RunConfig, index: int, console: Console) -> StageData:

@@ -52,3 +52,9 @@ def lora_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int) ->
 def classifier_flops_per_token(cfg: ModelConfig, seq_len: int, n_labels: int) -> float:
     """``flops_per_token`` of a classify stage: its head maps d_model to n_labels, not to the vocabulary."""
     return flops_per_token(replace(cfg, vocab_size=n_labels), seq_len)
+
+
+def distill_flops_per_token(student: ModelConfig, teacher: ModelConfig, seq_len: int) -> float:
+    """``flops_per_token`` of a distill stage: the student trains (forward + backward) and the teacher runs its
+    forward alone, a third of its training FLOPs (``2 N + 4 L d T``)."""
+    return flops_per_token(student, seq_len) + flops_per_token(teacher, seq_len) / 3.0

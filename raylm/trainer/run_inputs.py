@@ -34,6 +34,21 @@ def initial_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]
     return None
 
 
+def outside_teacher(run: RunConfig, index: int) -> Optional[Path]:
+    """The directory a distill stage ``index`` names as its teacher, unless it names one of the run's stages
+    (a stage's name wins over a directory of that name); None for other kinds."""
+    teacher = run.stages[index].teacher
+    return Path(teacher) if teacher is not None and teacher not in [stage.name for stage in run.stages] else None
+
+
+def teacher_weights(run_dir: Path, run: RunConfig, index: int) -> Optional[Path]:
+    """The weights a distill stage ``index`` learns from: its outside teacher, or its teacher stage's final/."""
+    teacher = run.stages[index].teacher
+    if teacher is None:
+        return None
+    return outside_teacher(run, index) or run_dir / teacher / FINAL_DIR
+
+
 def _input_trees(run: RunConfig, index: int) -> List[str]:
     stage = run.stages[index]
     trees = [TOKENIZER_DIR, f"{DATA_DIR}/{stage.name}"]

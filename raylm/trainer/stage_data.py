@@ -20,7 +20,8 @@ from raylm.data import open_dataset, prepare_dataset, training_order
 from raylm.data.sampler import StreamOrder
 from raylm.data.tokenizer import Tokenizer
 from raylm.storage import store_of
-from raylm.trainer.run_inputs import DATA_DIR, TOKENIZER_DIR
+from raylm.trainer.distill import check_teacher_tokenizer, teacher_fix
+from raylm.trainer.run_inputs import DATA_DIR, TOKENIZER_DIR, outside_teacher
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -34,12 +35,16 @@ class StageData:
 
 
 def _existing_tokenizer(run_dir: Path, run: RunConfig, stage_index: int):
-    """The run's tokenizer, else one shipped with the weights the stage starts from."""
+    """The run's tokenizer, else one shipped with the weights the stage starts from, else its teacher's
+    (a student reads the teacher's tokens)."""
     if (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
         return Tokenizer.load(run_dir / TOKENIZER_DIR, fix="restore it from a finished stage's final/tokenizer.json (every stage shares it)")
     init_from = run.stages[stage_index].init_from
     if init_from and (Path(init_from) / TOKENIZER_FILE).is_file():
         return Tokenizer.load(Path(init_from), fix=f"stages.{stage_index}.init_from needs weights trained with a raylm tokenizer")
+    teacher = outside_teacher(run, stage_index)
+    if teacher is not None:
+        return Tokenizer.load(teacher, teacher_fix(f"stages.{stage_index}.teacher"))
     return None
 
 
@@ -47,6 +52,9 @@ def prepare_stage_data(run_dir: Path, run: RunConfig, stage_index: int) -> Stage
     cfg = resolve_stage(run, stage_index)
     stage = run.stages[stage_index]
     tokenizer = _existing_tokenizer(run_dir, run, stage_index)
+    teacher = outside_teacher(run, stage_index)
+    if teacher is not None:  # before the data is tokenized with a tokenizer the teacher cannot read
+        check_teacher_tokenizer(tokenizer, teacher, f"stages.{stage_index}.teacher")
     train, val, tokenizer = prepare_dataset(stage.kind, cfg.data, cfg.model, run_dir / DATA_DIR / stage.name, cfg.train.seed, tokenizer=tokenizer)
     if not (run_dir / TOKENIZER_DIR / TOKENIZER_FILE).is_file():
         tokenizer.save(run_dir / TOKENIZER_DIR)

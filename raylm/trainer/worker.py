@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
-from raylm.configs.schema import LoraConfig, ModelConfig, RunConfig, StageConfig
+from raylm.configs.schema import DistillConfig, LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, describe_files, read_state, write_manifest
@@ -34,14 +34,15 @@ from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
 from raylm.trainer.classify import held_out_score, with_score_head
-from raylm.trainer.run_inputs import initial_weights
+from raylm.trainer.distill import Distiller, load_teacher
+from raylm.trainer.run_inputs import initial_weights, teacher_weights
 from raylm.trainer.stage_data import load_stage_data
 from raylm.trainer.stored_checkpoints import read_by_rank
 from raylm.trainer.watchdog import HangWatchdog
 from raylm.evals.classification import flat_counts
 from raylm.models.classifier import LlamaClassifier
-from raylm.models.flops import classifier_flops_per_token, flops_per_token, lora_flops_per_token
-from raylm.models.llama import Llama, ffn_hidden_size, kv_heads
+from raylm.models.flops import classifier_flops_per_token, distill_flops_per_token, flops_per_token, lora_flops_per_token
+from raylm.models.llama import Llama, ffn_hidden_size, kv_heads, num_params
 from raylm.models.lora import ADAPTER_DIR, adapter_weights, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
@@ -172,7 +173,17 @@ class StageTrainer:
         self.engine = self._build_engine(weights)
         self.phases.mark("deepspeed_initialize")
         self.seq_len = self.cfg.model.max_seq_len
-        if self.labels is not None:
+        self.teacher_path = teacher_weights(run_dir, self.run, stage_index)
+        self.distiller: Optional[Distiller] = None
+        if self.teacher_path is not None:
+            teacher = load_teacher(self.teacher_path, self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+            self.distiller = Distiller(teacher, self.stage.distill or DistillConfig())
+            self.phases.mark("teacher")
+        # The last step's distill loss parts (kl, ce), averaged like its loss; empty for other kinds.
+        self.loss_parts: Dict[str, float] = {}
+        if self.distiller is not None:
+            self.flops_per_token = distill_flops_per_token(self.cfg.model, self.distiller.teacher.cfg, self.seq_len)
+        elif self.labels is not None:
             self.flops_per_token = classifier_flops_per_token(self.cfg.model, self.seq_len, len(self.labels))
         elif self.lora is None:
             self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
@@ -372,12 +383,19 @@ class StageTrainer:
             loss = float(self.engine.train_batch(self._train_micro_batches()))
         else:
             total = torch.zeros((), device=self.ctx.device)
+            parts: Dict[str, torch.Tensor] = {}
             for inputs, targets in self._train_micro_batches():
-                micro_loss = self.par.loss_fn(self.engine(inputs).float(), targets)
+                logits = self.engine(inputs).float()
+                if self.distiller is None:
+                    micro_loss = self.par.loss_fn(logits, targets)
+                else:
+                    micro_loss, micro_parts = self.distiller.loss(logits, inputs, targets)
+                    parts = {name: parts.get(name, 0.0) + value for name, value in micro_parts.items()}
                 self.engine.backward(micro_loss)
                 self.engine.step()
                 total += micro_loss.detach()
             loss = self._dp_mean(total / self.accum)
+            self.loss_parts = {name: self._dp_mean(value / self.accum) for name, value in parts.items()}
         t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
@@ -446,7 +464,7 @@ class StageTrainer:
                 self.log({
                     "step": self.state.step, "kind": "train", "loss": loss, "lr": self.engine.get_lr()[0],
                     "grad_norm": _float_or_nan(self.engine.get_global_grad_norm()), "tokens_per_s": tokens_per_s,
-                    "mfu": last["mfu"], "mem_gb": self._memory_gb(), "tokens": self.state.tokens_seen,
+                    "mfu": last["mfu"], "mem_gb": self._memory_gb(), "tokens": self.state.tokens_seen, **self.loss_parts,
                 })
                 window_tokens, window_time = 0, 0.0
             if self._due(t.eval_every):
@@ -488,6 +506,10 @@ class StageTrainer:
                 report, sample = held_out_score(full_state, self.cfg.model, self.labels, self.data.val, self.data.tokenizer, self.ctx.device)
                 self.log({"step": self.state.step, "kind": "classify", **flat_counts(report), "confusion": report["confusion"]})
                 scores = {"accuracy": report["accuracy"], "classification": report}
+            if self.distiller is not None:
+                settings = self.distiller.settings
+                scores = {"distill": {"teacher": str(self.teacher_path), "teacher_params": num_params(self.distiller.teacher),
+                                      "temperature": settings.temperature, "alpha": settings.alpha, **self.loss_parts}}
             done.mark("sample")
             has_perplexity = self.labels is None and math.isfinite(last["eval_loss"])  # a loss over class labels has none
             summary = {
