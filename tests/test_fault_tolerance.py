@@ -106,7 +106,10 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "pretrain" / "logs").glob("rank_*.log"))
     assert re.search(r"FileExistsError: .*Cannot create directory .*pretrain/step_\d+.: non-directory entry exists", logs)
     restarts = assert_restarts_resume_from_the_newest_checkpoint(run_dir, ckpt_every=4)
-    assert len(restarts) == 3 and all(r["steps_lost"] >= 1 for r in restarts)
+    # The kill and the freeze land wherever the ranks are when the driver's records show the trigger step; those
+    # lag by up to the driver's 0.5 s drain (several steps of this model), so either may land right after a
+    # checkpoint and lose nothing. The raising rank fails writing step 12's checkpoint, four steps past step 8's.
+    assert len(restarts) == 3 and restarts[1]["steps_lost"] == 4, restarts
     # The frozen rank's peers stopped at their next collective; their watchdogs, not Ray, ended the group.
     assert re.search(r"no progress for \d+ s \(fault.hang_timeout_s=10\); exiting", logs)
     assert_bitwise_equal_to(uninterrupted, run_dir)
