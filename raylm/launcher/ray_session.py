@@ -13,7 +13,7 @@ import ray.train
 
 from raylm import storage
 from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
-from raylm.trainer.session import newest_first_unique
+from raylm.trainer.session import newest_first_unique, prune_checkpoints
 from raylm.trainer.stored_checkpoints import fetch_stored, stored_steps, verify_stored
 
 
@@ -90,8 +90,7 @@ class RaySession:
         """Keep the newest ``keep_last`` complete checkpoints; every rank's files of this one are in storage once
         ``report`` returns. (Ray Train keeps every checkpoint it registered: see ``raylm.launcher.trainer``.)"""
         if self.store is None:
-            for old in [path for path in step_dirs(self.stage_dir) if (path / MANIFEST).is_file()][self.keep_last :]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.stage_dir, self.keep_last)
             return
         complete = [name for name in stored_steps(self.store, self.stage) if self.store.is_file(f"{self.stage}/{name}/{MANIFEST}")]
         for old in complete[self.keep_last :]:

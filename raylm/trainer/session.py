@@ -53,6 +53,12 @@ class Session(Protocol):
         """Called on every rank once the stage's final weights and summary are written."""
 
 
+def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints of a stage on a disk (older incomplete ones go with them)."""
+    for old in [path for path in step_dirs(stage_dir) if (path / MANIFEST).is_file()][keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class LocalSession:
     """Checkpoints straight into ``<stage_dir>/step_N`` on a shared filesystem."""
 
@@ -91,8 +97,7 @@ class LocalSession:
             final = self.stage_dir / step_dir_name(step)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
-            for old in [p for p in step_dirs(self.stage_dir) if (p / MANIFEST).exists()][self.keep_last :]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.stage_dir, self.keep_last)
         dist.barrier()
 
     def close(self, step: int) -> None:
