@@ -18,13 +18,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
-    """The embedded default, shortened, with a different worker count per stage."""
+    """The embedded default, shortened: both stages in one worker group."""
     cwd = tmp_path_factory.mktemp("e2e")
     result = subprocess.run(
         [
             sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "e2e",
             "train.max_steps=12", "train.eval_every=6", "train.ckpt_every=6", "stages.1.train.max_steps=6",
-            "stages.1.cluster.num_workers=1", "stages.1.train.log_every=1", "model.vocab_size=1024",
+            "stages.1.train.log_every=1", "model.vocab_size=1024",
             "train.precision=fp32", "cluster.use_gpu=false",
         ],
         cwd=cwd, capture_output=True, text=True, timeout=900,
@@ -50,6 +50,18 @@ def test_run_directory_layout(default_run):
     assert sorted(p.name for p in (default_run / "pretrain").glob("step_*")) == ["step_0000006", "step_0000012"]
 
 
+def test_one_worker_group_runs_both_stages_without_a_restart(default_run):
+    """The same worker processes run pretrain, then sft (each stage's rank log starts with its pid), and no attempt failed."""
+    stdout = (default_run.parent.parent / "stdout.txt").read_text()
+    assert "one worker group runs pretrain, sft in turn" in stdout
+    for rank in ("000", "001"):
+        first_lines = [(default_run / stage / "logs" / f"rank_{rank}.log").read_text().splitlines()[0] for stage in ("pretrain", "sft")]
+        pids = {line.split(" pid ")[1].split()[0] for line in first_lines}
+        assert len(pids) == 1, first_lines
+    for log in default_run.glob("*/logs/rank_*.log"):
+        assert "Traceback" not in log.read_text(), log
+
+
 def test_the_console_first_says_which_cluster_and_why(default_run):
     stdout = (default_run.parent.parent / "stdout.txt").read_text()
     assert stdout.splitlines()[0].startswith("cluster: embedded local Ray (no --address, no RAY_ADDRESS); 1 node(s)")
@@ -66,7 +78,7 @@ def test_metrics_and_summary(default_run):
     assert any(r["kind"] == "eval" and r["stage"] == "pretrain" for r in records)
     summary = json.loads((default_run / "summary.json").read_text())
     pretrain, sft = summary["stages"]
-    assert pretrain["layout"]["dp"] == 2 and sft["layout"]["dp"] == 1
+    assert pretrain["layout"]["dp"] == 2 and sft["layout"]["dp"] == 2
     # Where each stage's time went, from Ray Train's worker start to its shutdown.
     for stage in (pretrain, sft):
         timeline = stage["timeline_s"]

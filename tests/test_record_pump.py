@@ -18,7 +18,6 @@ def _train(step: int, loss: float) -> dict:
 
 def test_replayed_records_fill_the_gap_a_dead_driver_left_and_nothing_twice(ray_cluster, tmp_path: Path):
     from raylm.cluster.relay import start_relay, stop_relay
-    from raylm.launcher.progress import StageProgress
     from raylm.launcher.record_pump import RecordPump
 
     cfg = load_config("tiny", TINY_PRETRAIN)
@@ -31,8 +30,7 @@ def test_replayed_records_fill_the_gap_a_dead_driver_left_and_nothing_twice(ray_
 
     relay = start_relay()
     shown = io.StringIO()
-    progress = StageProgress("pretrain", 8, Console(file=shown, force_terminal=False), enabled=True)
-    pump = RecordPump(relay, tmp_path, "run", "pretrain", cfg, progress)
+    pump = RecordPump(relay, tmp_path, "run", [("pretrain", cfg)], Console(file=shown, force_terminal=False))
     try:
         kept = [_train(1, 6.0), _train(2, 5.9), _train(3, 5.8), _train(4, 5.7),
                 {"stage": "pretrain", "step": 4, "kind": "event", "event": "checkpoint"}]
@@ -43,7 +41,7 @@ def test_replayed_records_fill_the_gap_a_dead_driver_left_and_nothing_twice(ray_
         pump.pump()
     finally:
         stop_relay(relay)
-        pump.finish({})
+        pump.finish_all()
 
     records = read_records(tmp_path / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in records if r["kind"] == "train"] == [("train", s) for s in (1, 2, 3, 4, 5)]

@@ -119,7 +119,7 @@ class ClusterConfig:
 
 @dataclass
 class FaultConfig:
-    max_failures: int = _f(2, "Worker-group restarts Ray Train may do before the stage fails.")
+    max_failures: int = _f(2, "Worker-group restarts Ray Train may do before the stage fails (stages that share a worker group share the budget).")
     hang_timeout_s: float = _f(600.0, "A collective that waits longer than this fails the worker group, which then restarts.")
 
 

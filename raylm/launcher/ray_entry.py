@@ -8,12 +8,14 @@ import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import List
 
 from raylm import storage
 from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.layout import CONFIG_FILE, LOGS_DIR, rank_log_name
+from raylm.trainer.device import leave_distributed
 from raylm.trainer.phases import Phases
 from raylm.trainer.run_inputs import fetch_inputs
 from raylm.launcher.ray_session import RaySession
@@ -21,18 +23,19 @@ from raylm.parallelism.zero import usable_world_size
 
 
 def _log_to_file(stage_dir: Path) -> None:
-    """Send this rank's stdout/stderr (DeepSpeed's and ours) to runs/<name>/<stage>/logs/."""
+    """Send this rank's stdout/stderr (DeepSpeed's and ours) to runs/<name>/<stage>/logs/ (the fit's next stage
+    moves them to its own directory)."""
     import ray
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
     logs = stage_dir / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    handle = open(logs / rank_log_name(rank), "a", buffering=1)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.dup2(handle.fileno(), 1)
-    os.dup2(handle.fileno(), 2)
+    with open(logs / rank_log_name(rank), "a", buffering=1) as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
     node = ray.get_runtime_context().get_node_id()
     print(f"[raylm] rank {rank} pid {os.getpid()} node {node}", flush=True)
 
@@ -128,33 +131,51 @@ def _fetch_run_inputs(run_dir: Path, stage_index: int, relay) -> None:
                       "node": ray.get_runtime_context().get_node_id(), "bytes": fetched})
 
 
+def _stages_to_run(run_dir: Path, indices: List[int]) -> List[int]:
+    """The fit's stages not finished yet, as rank 0 sees them (every rank runs the same ones; after a restart
+    the finished ones are skipped)."""
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    run = from_yaml_file(run_dir / CONFIG_FILE) if ray.train.get_context().get_world_rank() == 0 else None
+    todo = [i for i in indices if not rundir.stage_finished(run_dir, run.stages[i].name)] if run is not None else None
+    return broadcast_from_rank_zero(todo)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """Every stage of the fit in order (``config["stage_indices"]``), each its own checkpoint namespace, logs,
+    records and summary, in one worker group: a stage costs no worker start-up of its own."""
     import ray.train
 
-    phases = Phases()
-    stage = config["stage_name"]
     # A run in object storage is worked on in this machine's view of it; otherwise its directory is shared.
     run_dir = storage.view_of(storage.Store(config["run_uri"])) if config["run_uri"] else Path(config["run_dir"])
-    _log_to_file(run_dir / stage)
-    try:
-        _run_rank(config, run_dir, stage, phases)
-    finally:
-        # Into the run's store, failed or not: on object storage nobody else can read this machine's disk.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        storage.push(run_dir, f"{stage}/{LOGS_DIR}/{rank_log_name(ray.train.get_context().get_world_rank())}")
+    if config["run_uri"]:
+        storage.pull(run_dir, CONFIG_FILE)
+    for index in _stages_to_run(run_dir, config["stage_indices"]):
+        phases = Phases()
+        stage = from_yaml_file(run_dir / CONFIG_FILE).stages[index].name
+        _log_to_file(run_dir / stage)
+        try:
+            _run_rank(config, run_dir, index, stage, phases)
+        finally:
+            # Into the run's store, failed or not: on object storage nobody else can read this machine's disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            storage.push(run_dir, f"{stage}/{LOGS_DIR}/{rank_log_name(ray.train.get_context().get_world_rank())}")
+        # The next stage makes its own default group: its layout may train another number of ranks.
+        leave_distributed()
 
 
-def _run_rank(config: dict, run_dir: Path, stage: str, phases: Phases) -> None:
+def _run_rank(config: dict, run_dir: Path, index: int, stage: str, phases: Phases) -> None:
     import ray.train
     import ray.train.torch
 
     from raylm.trainer.worker import train_stage
 
     if config["run_uri"]:
-        _fetch_run_inputs(run_dir, config["stage_index"], config["relay"])
+        _fetch_run_inputs(run_dir, index, config["relay"])
         phases.mark("fetch_inputs")
-    cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), config["stage_index"])
+    cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), index)
     context = ray.train.get_context()
     rank, workers = context.get_world_rank(), context.get_world_size()
     os.environ.update(LOCAL_RANK=str(context.get_local_rank()), LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
@@ -170,5 +191,5 @@ def _run_rank(config: dict, run_dir: Path, stage: str, phases: Phases) -> None:
         _wait_out_the_stage(run_dir, stage)
         return
     _check_placement(cfg.parallel.tp, cfg.parallel.pp)
-    train_stage(run_dir, config["stage_index"], lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last, config["relay"]),
+    train_stage(run_dir, index, lambda stage_dir, stage_cfg: RaySession(stage_dir, stage_cfg.train.keep_last, config["relay"]),
                 device, phases)

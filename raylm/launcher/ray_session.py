@@ -22,7 +22,8 @@ class RaySession:
 
     Ray Train merges every worker's reported directory into one checkpoint
     directory in the stage's storage (``<run>/<stage>/step_N``, on a disk or in
-    a bucket); a rank that wrote nothing reports no checkpoint but still calls
+    a bucket: the fit's directory is the run's, and the checkpoint's name
+    ``<stage>/step_N``); a rank that wrote nothing reports no checkpoint but still calls
     ``report`` (it is a barrier). Rank 0's metrics records go to the driver's
     relay actor: the driver writes metrics.jsonl and owns the W&B run, so
     neither is lost with a worker.
@@ -45,7 +46,8 @@ class RaySession:
         """Newest step first: Ray's latest registered checkpoint can be older than a complete
         one written after the driver died (its controller never registered it)."""
         latest = ray.train.get_checkpoint()
-        latest_path = self.stage_dir / Path(latest.path).name if latest is not None else None
+        # The fit's latest checkpoint may be an earlier stage's: the fit runs every stage of a worker group.
+        latest_path = self.stage_dir / Path(latest.path).name if latest is not None and Path(latest.path).parent.name == self.stage else None
         if self.store is None:
             return newest_first_unique([*step_dirs(self.stage_dir), latest_path])
         return newest_first_unique([*(self.stage_dir / name for name in stored_steps(self.store, self.stage)), latest_path])
@@ -81,7 +83,7 @@ class RaySession:
     def commit(self, step: int, staging: Path, metrics: dict) -> None:
         has_files = any(staging.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{self.stage}/{step_dir_name(step)}")
         shutil.rmtree(staging, ignore_errors=True)
         if ray.train.get_context().get_world_rank() == 0:
             self._prune()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -18,7 +19,6 @@ from raylm.configs.schema import RunConfig, StageConfig
 from raylm.errors import StageFailed, UserError
 from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
-from raylm.launcher.progress import StageProgress
 from raylm.launcher.timeline import stage_timeline
 from raylm.data.prepare import is_prepared
 from raylm.trainer.distill import check_teacher
@@ -38,15 +38,31 @@ def _worker_error_message(err: BaseException) -> str:
     return ""
 
 
-def _forget_ray_snapshot(stage_dir: Path) -> None:
+def _forget_ray_snapshot(run_dir: Path) -> None:
     """Ray Train restores a run from its snapshot of registered checkpoints, and refuses one that names a directory
     raylm has since pruned. raylm resumes from the ``step_*`` directories and their manifests alone, so each
     fit starts Ray's record afresh."""
-    store = storage.store_of(stage_dir.parent)
+    store = storage.store_of(run_dir)
     if store is None:
-        (stage_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
-    elif store.is_file(f"{stage_dir.name}/{RAY_SNAPSHOT}"):
-        store.fs.delete_file(store.path(f"{stage_dir.name}/{RAY_SNAPSHOT}"))
+        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    elif store.is_file(RAY_SNAPSHOT):
+        store.fs.delete_file(store.path(RAY_SNAPSHOT))
+
+
+def fits(run: RunConfig, todo: List[int]) -> List[List[int]]:
+    """The stages ``todo`` (in order) as fits: consecutive stages that place the same workers (``cluster.*``) with
+    the same restart budget share one worker group, which runs them one after another."""
+    groups: List[List[int]] = []
+    placement = None
+    for index in todo:
+        cfg = resolve_stage(run, index)
+        key = (asdict(cfg.cluster), cfg.fault.max_failures)
+        if groups and key == placement and groups[-1][-1] == index - 1:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+        placement = key
+    return groups
 
 
 def _placement(cfg: RunConfig, info: ClusterInfo) -> Tuple[bool, str]:
@@ -92,53 +108,81 @@ def prepare_data(run_dir: Path, run: RunConfig, console: Console) -> None:
         _prepared(run_dir, run, index, console)
 
 
-def run_stage(run_dir: Path, run: RunConfig, index: int, info: ClusterInfo, console: Console) -> dict:
+def run_fit(run_dir: Path, run: RunConfig, indices: List[int], info: ClusterInfo, console: Console) -> List[dict]:
+    """Stages ``indices`` (one of ``fits``) in one Ray Train run; each stage's summary once the fit is over. A stage
+    the fit finished is completed (summary, loss curve, eval tasks) even when a later one fails."""
     from raylm.cluster.relay import start_relay, stop_relay
     from raylm.launcher.record_pump import RecordPump
-    from raylm.launcher.trainer import stage_trainer
+    from raylm.launcher.trainer import fit_trainer
 
-    stage = run.stages[index]
-    cfg = resolve_stage(run, index)
-    use_gpu, workers = _placement(cfg, info)
-    if stage.init_from:
-        # Weights from outside the run (the previous stage's fit by construction: stages share model.*).
-        check_init_weights(cfg, Path(stage.init_from))
-    prepare_began = time.time()
-    data = _prepared(run_dir, run, index, console)
-    prepare_s = time.time() - prepare_began
-    console.print(
-        f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
-        f"{workers} on {'GPU' if use_gpu else 'CPU'}"
-    )
-    _forget_ray_snapshot(run_dir / stage.name)
+    cfgs = [resolve_stage(run, index) for index in indices]
+    use_gpu, workers = _placement(cfgs[0], info)
+    prepare_s = []
+    for index, cfg in zip(indices, cfgs):
+        stage = run.stages[index]
+        if stage.init_from:
+            check_init_weights(cfg, Path(stage.init_from))
+        prepare_began = time.time()
+        data = _prepared(run_dir, run, index, console)
+        prepare_s.append(time.time() - prepare_began)
+        console.print(
+            f"[bold]{stage.name}[/] ({stage.kind}): {data.train.num_samples:,} training sequences of {cfg.model.max_seq_len} tokens, "
+            f"{workers} on {'GPU' if use_gpu else 'CPU'}"
+        )
+    if len(indices) > 1:
+        console.print(f"one worker group runs {', '.join(run.stages[i].name for i in indices)} in turn")
+    _forget_ray_snapshot(run_dir)
     relay = start_relay()
-    progress = StageProgress(stage.name, cfg.train.max_steps, console, enabled=cfg.logging.progress)
-    pump = RecordPump(relay, run_dir, run.name or run_dir.name, stage.name, cfg, progress)
-    summary = None
+    pump = RecordPump(relay, run_dir, run.name or run_dir.name, [(run.stages[i].name, cfg) for i, cfg in zip(indices, cfgs)], console)
+    fit_began = time.time()
     try:
-        fit_began = time.time()
-        with progress, pump:
-            _fit(stage_trainer(run_dir, run, index, cfg, use_gpu, relay), run_dir, stage.name, cfg)
-        fit_ended = time.time()
-        summary = rundir.stage_summary(run_dir, stage.name)
-        if summary is None:
-            raise StageFailed(f"stage '{stage.name}' ended without a summary; see {run_dir / stage.name / LOGS_DIR}")
-        summary["timeline_s"] = stage_timeline(pump.seen, prepare_s, fit_began, fit_ended)
-        if stage.eval_tasks:
-            summary["eval_tasks"] = _score_eval_tasks(run_dir, stage, index, summary["steps"], pump, console)
+        with pump:
+            _fit(fit_trainer(run_dir, run, indices, cfgs[0], use_gpu, relay), run_dir, run, indices)
+    except Exception:
+        _complete_finished(run_dir, run, indices, pump, prepare_s, fit_began, time.time(), console)
+        raise
+    else:
+        summaries = _complete_finished(run_dir, run, indices, pump, prepare_s, fit_began, time.time(), console)
     finally:
         stop_relay(relay)
-        pump.finish(summary or {})
+        pump.finish_all()
         storage.push(run_dir, METRICS_FILE)
         storage.push(run_dir, WANDB_DIR)
-        storage.push(run_dir, f"{stage.name}/{WANDB_ID_FILE}")
-    picture = plot_stage_loss(run_dir, stage.name)
-    summary["loss_png"] = f"{storage.where(run_dir)}/{picture.relative_to(run_dir)}" if picture else None
-    (run_dir / stage.name / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
-    if picture:
-        storage.push(run_dir, str(picture.relative_to(run_dir)))
-    storage.push(run_dir, f"{stage.name}/{STAGE_SUMMARY}")
-    return summary
+        for index in indices:
+            storage.push(run_dir, f"{run.stages[index].name}/{WANDB_ID_FILE}")
+    if len(summaries) < len(indices):
+        name = run.stages[indices[len(summaries)]].name
+        raise StageFailed(f"stage '{name}' ended without a summary; see {run_dir / name / LOGS_DIR}")
+    return summaries
+
+
+def _complete_finished(run_dir: Path, run: RunConfig, indices: List[int], pump, prepare_s: List[float], fit_began: float,
+                       fit_ended: float, console: Console) -> List[dict]:
+    """The driver's part of each stage the fit finished, in order: its timeline, eval tasks, W&B summary, loss curve."""
+    summaries: List[dict] = []
+    began = fit_began
+    for k, index in enumerate(indices):
+        stage = run.stages[index]
+        summary = rundir.stage_summary(run_dir, stage.name)
+        if summary is None:
+            break
+        records = pump.records(stage.name)
+        end = next((r["time"] for r in reversed(records) if r.get("kind") == "end"), fit_ended)
+        # A stage after another starts where that one ended; only the fit's last stage has a teardown.
+        ended = fit_ended if k == len(indices) - 1 else end
+        summary["timeline_s"] = stage_timeline(records, prepare_s[k], fit_began, ended, began=began)
+        began = end
+        if stage.eval_tasks:
+            summary["eval_tasks"] = _score_eval_tasks(run_dir, stage, index, summary["steps"], pump.stage(stage.name), console)
+        pump.finish(stage.name, summary)
+        picture = plot_stage_loss(run_dir, stage.name)
+        summary["loss_png"] = f"{storage.where(run_dir)}/{picture.relative_to(run_dir)}" if picture else None
+        (run_dir / stage.name / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
+        if picture:
+            storage.push(run_dir, str(picture.relative_to(run_dir)))
+        storage.push(run_dir, f"{stage.name}/{STAGE_SUMMARY}")
+        summaries.append(summary)
+    return summaries
 
 
 def _score_eval_tasks(run_dir: Path, stage: StageConfig, index: int, step: int, pump, console: Console) -> dict:
@@ -157,7 +201,7 @@ def _score_eval_tasks(run_dir: Path, stage: StageConfig, index: int, step: int, 
     return scores
 
 
-def _fit(trainer, run_dir: Path, stage: str, cfg: RunConfig) -> None:
+def _fit(trainer, run_dir: Path, run: RunConfig, indices: List[int]) -> None:
     from ray.train import TrainingFailedError
 
     try:
@@ -166,8 +210,11 @@ def _fit(trainer, run_dir: Path, stage: str, cfg: RunConfig) -> None:
         user_message = _worker_error_message(err)
         if user_message:
             raise UserError(user_message) from None
+        stage = next((run.stages[i].name for i in indices if not rundir.stage_finished(run_dir, run.stages[i].name)),
+                     run.stages[indices[-1]].name)
+        restarts = resolve_stage(run, indices[0]).fault.max_failures
         raise StageFailed(
-            f"stage '{stage}' failed after {cfg.fault.max_failures} restarts: {str(err).strip().splitlines()[-1]}; "
+            f"stage '{stage}' failed after {restarts} restarts: {str(err).strip().splitlines()[-1]}; "
             f"worker logs are in {run_dir / stage / LOGS_DIR}; continue with 'raylm resume {storage.where(run_dir)}'"
         ) from err
 
@@ -182,13 +229,16 @@ def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) 
         if not rundir.stage_finished(run_dir, stage.name):
             _placement(resolve_stage(run, index), info)
     (run_dir / DRIVER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": started}))
-    stages: List[Dict] = []
+    todo: List[int] = []
     for index, stage in enumerate(run.stages):
         if rundir.stage_finished(run_dir, stage.name):
             console.print(f"[bold]{stage.name}[/]: already finished, skipping")
-            stages.append(rundir.stage_summary(run_dir, stage.name))
-            continue
-        stages.append(run_stage(run_dir, run, index, info, console))
+        else:
+            todo.append(index)
+    summaries: Dict[int, Dict] = {}
+    for indices in fits(run, todo):
+        summaries.update(zip(indices, run_fit(run_dir, run, indices, info, console)))
+    stages = [summaries[index] if index in summaries else rundir.stage_summary(run_dir, stage.name) for index, stage in enumerate(run.stages)]
     summary = {"run": run.name, "run_dir": storage.where(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     storage.push(run_dir, SUMMARY_FILE)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
-def stage_timeline(records: List[dict], prepare_s: float, fit_began: float, fit_ended: float) -> Dict[str, object]:
+def stage_timeline(records: List[dict], prepare_s: float, fit_began: float, fit_ended: float,
+                   began: Optional[float] = None) -> Dict[str, object]:
     """Seconds per phase of the stage's first attempt (a restart's own start-up shows in its start record):
 
-    ``driver_data`` tokenizer and data on the driver; ``workers_up`` Ray Train's controller and worker group until
-    the per-rank function runs; ``rank_setup`` rank 0's phases from there to its start record; ``first_step`` to
-    the first logged step; ``steps`` to the last one; ``finish`` the last step to the end record (final eval and
+    ``driver_data`` tokenizer and data on the driver; ``workers_up`` from ``began`` (the fit's start, or where
+    the stage before it in the same fit ended) until the per-rank function began the stage: Ray Train's
+    controller and worker group for a fit's first stage; ``rank_setup`` rank 0's phases from there to its start
+    record; ``first_step`` to the first logged step; ``steps`` to the last one; ``finish`` the last step to the end record (final eval and
     checkpoint, gathered and saved weights, sample; ``finish_phases`` splits the part after the loop);
-    ``teardown`` from there until ``fit()`` returned (last report, Ray's poll, the worker group's shutdown).
+    ``teardown`` from there until ``fit_ended``: for a fit's last stage when ``fit()`` returned (last report, Ray's
+    poll, the worker group's shutdown), for the others their own end (the worker group goes on).
     Empty when the stage logged no start or end in this fit.
     """
     mine = [r for r in records if r.get("time", 0) >= fit_began]
@@ -25,7 +28,7 @@ def stage_timeline(records: List[dict], prepare_s: float, fit_began: float, fit_
     first, last = (train[0], train[-1]) if train else (end, end)
     return {
         "driver_data": round(prepare_s, 3),
-        "workers_up": round(start["entered"] - fit_began, 3),
+        "workers_up": round(start["entered"] - (fit_began if began is None else began), 3),
         "rank_setup": round(start["time"] - start["entered"], 3),
         "rank_setup_phases": start.get("setup_s", {}),
         "first_step": round(first["time"] - start["time"], 3),

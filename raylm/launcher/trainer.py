@@ -1,9 +1,10 @@
-"""One stage as one Ray Train run (TorchTrainer, Ray Train V2 API)."""
+"""Stages of a run as one Ray Train run (TorchTrainer, Ray Train V2 API)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import List
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.backend import Backend
@@ -30,20 +31,22 @@ class _RaylmTorchConfig(TorchConfig):
         return _WorkersOnly
 
 
-def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: RunConfig, use_gpu: bool, relay) -> TorchTrainer:
-    """``stage_cfg`` is the stage-resolved config; ``run_dir`` is visible to every node, or the driver's
-    view of a run in object storage (then Ray Train writes checkpoints to the store and workers fetch from it)."""
-    stage = run.stages[stage_index]
+def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: RunConfig, use_gpu: bool, relay) -> TorchTrainer:
+    """One Ray Train run for the stages ``stage_indices``, which share ``cfg.cluster`` and ``cfg.fault`` (``cfg`` is
+    the first one's resolved config). ``run_dir`` is visible to every node, or the driver's view of a run in object
+    storage (then Ray Train writes checkpoints to the store and workers fetch from it)."""
     store = storage.store_of(run_dir)
-    c = stage_cfg.cluster
+    c = cfg.cluster
     # Ray Train hands this to the run's controller; after a node is lost its
     # first restart may still count the node's resources and wait this long.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.placement_timeout_s)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    # Ray Train's run directory is raylm's: a checkpoint named <stage>/step_N lands in the stage's directory.
+    parent, name = (store.root.rsplit("/", 1) if store else (str(run_dir.parent), run_dir.name))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_index": stage_index,
-                           "stage_name": stage.name, "backend": "nccl" if use_gpu else "gloo", "relay": relay},
+        train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_indices": stage_indices,
+                           "backend": "nccl" if use_gpu else "gloo", "relay": relay},
         torch_config=_RaylmTorchConfig(),
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
@@ -54,10 +57,10 @@ def stage_trainer(run_dir: Path, run: RunConfig, stage_index: int, stage_cfg: Ru
             elastic_resize_monitor_interval_s=c.elastic_check_s,
         ),
         run_config=RayRunConfig(
-            name=stage.name,
-            storage_path=store.root if store else str(run_dir),
+            name=name,
+            storage_path=parent,
             storage_filesystem=store.fs if store else None,
-            failure_config=FailureConfig(max_failures=stage_cfg.fault.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.fault.max_failures),
             # raylm prunes checkpoints itself (RaySession.commit): after a resume from an older checkpoint Ray would
             # register a redone step twice under one directory name and, pruning, delete the new one.
             checkpoint_config=CheckpointConfig(num_to_keep=None),

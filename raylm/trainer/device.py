@@ -63,6 +63,20 @@ def init_distributed(run: RunConfig, device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
+def leave_distributed() -> None:
+    """Destroy the default process group and every group made from it, with DeepSpeed's references to them (its
+    ``groups`` module keeps the first engine's data-parallel group, which a later engine would otherwise use);
+    a launcher running another stage in this process then joins a new one."""
+    import gc
+
+    gc.collect()  # the finished stage's engine, which holds the groups, goes first
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    deepspeed.comm.destroy_process_group()
+
+
 def _skip_deepspeed_start_up_work() -> None:
     """Two things DeepSpeed does at start-up for features raylm's training never uses:
 

@@ -93,6 +93,7 @@ class WandbRun:
             job_type=stage,
             id=id_file.read_text().strip(),
             resume="allow",
+            reinit="create_new",  # the driver keeps every stage of a fit open until it has finished the stage
             dir=str(run_dir),
             mode=mode,
             config=config,
