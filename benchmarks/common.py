@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -47,3 +51,19 @@ def write_result(out: Optional[Path], name: str, result: dict) -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu gives it (results name the machine they were measured on)."""
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
+
+
+def torchrun_stage(run_dir: Path, overrides: List[str], workers: int, threads: int = 1) -> float:
+    """One stage of the tiny preset with ``overrides`` under torchrun into ``run_dir`` (its metrics.jsonl and
+    ``<stage>/summary.json`` there); the command's wall seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={workers}", "--master-addr=127.0.0.1",
+               "--master-port=29533", "-m", "raylm.trainer.torchrun_main", "--run-dir", str(run_dir), "tiny", *overrides]
+    began = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+    return time.perf_counter() - began

@@ -59,7 +59,7 @@ import psutil  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pretrain_overrides, write_result  # noqa: E402
+from common import cpu_model, pretrain_overrides, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ONE_CORE = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -363,9 +363,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     logs = args.work / "logs"
     logs.mkdir(parents=True)
-    cpu_model = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                      if line.startswith("Model name")), "?")
-    result: dict = {"machine": {"nproc": os.cpu_count(), "cpu_model": cpu_model}, "size_mb_asked": args.size_mb,
+    result: dict = {"machine": {"nproc": os.cpu_count(), "cpu_model": cpu_model()}, "size_mb_asked": args.size_mb,
                     "began_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     try:
         corpus = args.work / "corpus"

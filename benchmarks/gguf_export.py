@@ -16,6 +16,7 @@ BPE) for --steps under torchrun on one rank (no Ray), exports the stage with
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import pretrain_overrides, write_result  # noqa: E402
+from common import pretrain_overrides, torchrun_stage, write_result  # noqa: E402
 from gguf_llama import greedy, read_gguf  # noqa: E402  (the tests' llama.cpp-convention forward)
-from ray_vs_torchrun import torchrun_run  # noqa: E402
 
 QUANTS = ("f16", "q8_0")
 
@@ -55,8 +55,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="raylm-gguf-"))
-    summary = torchrun_run(root, "run", pretrain_overrides(args.steps, workers=1, zero=0), 1)
     run_dir = root / "run"
+    torchrun_stage(run_dir, pretrain_overrides(args.steps, workers=1, zero=0), 1)
+    summary = json.loads((run_dir / "pretrain" / "summary.json").read_text())
     stage = load_stage(run_dir)
     original = gguf_tensors(stage.model.state_dict(), stage.model_cfg)
     texts = prompts(args.prompts)

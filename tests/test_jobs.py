@@ -1,5 +1,6 @@
 """`raylm submit / logs / stop` against a real Ray head (dashboard on 127.0.0.1, token authentication on),
-and a relaunch with --resume-if-exists that continues the stopped run."""
+and a relaunch with --resume-if-exists that continues the stopped run, the run kept in object storage (a moto S3
+server): the job's driver finds the bucket's credentials in its node's environment."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAIN
-from faults import latest_step, wait_for
+from faults import wait_for
+from object_store import CREDENTIALS, new_bucket, s3_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -29,6 +31,13 @@ def _free_ports(n: int) -> list:
     for sock in sockets:
         sock.close()
     return ports
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A bucket's ``s3://`` URI; the server's credentials are also in the head node's environment."""
+    with s3_server() as endpoint:
+        yield new_bucket(endpoint)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +54,7 @@ def head(tmp_path_factory):
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the node's address is 127.0.0.1
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # `raylm` for the job's driver
         "WANDB_MODE": "disabled",
+        **CREDENTIALS,
     }
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
@@ -77,38 +87,43 @@ def raylm(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.
                           text=True, timeout=timeout)
 
 
-def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, tmp_path):
+def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, bucket, tmp_path):
+    from raylm.storage import Store
+    from raylm.trainer.checkpoint import MANIFEST
+    from raylm.trainer.stored_checkpoints import stored_steps
+
     address, env = head
-    runs = tmp_path / "runs"
-    overrides = [o for o in TINY_PRETRAIN if not o.startswith("logging.wandb")] + [f"runs_dir={runs}", "logging.wandb.mode=disabled"]
+    overrides = [o for o in TINY_PRETRAIN if not o.startswith("logging.wandb")] + [f"runs_dir={bucket}", "logging.wandb.mode=disabled"]
 
     # Without the token the cluster refuses the client; the error says how to pass it the Ray way.
     tokenless = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     refused = raylm("submit", "tiny", "--address", address, *overrides, env=tokenless, cwd=tmp_path)
     assert refused.returncode == 2 and "RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
 
-    # A long job, stopped mid-stage once it has a checkpoint, then continued by resubmitting the same command.
+    # A long job, stopped mid-stage once it has a complete checkpoint, then continued by resubmitting the same command.
     long_run = ["tiny", "--name", "stopped", "--resume-if-exists", *overrides, "train.max_steps=40", "train.ckpt_every=4", "train.log_every=1"]
     first = _submit(env, tmp_path, *long_run[:1], "--address", address, *long_run[1:])
-    run_dir = runs / "stopped"
-    wait_for(lambda: latest_step(run_dir) >= 6, "step 6 of the long job", timeout=400)
+    run = Store(bucket).child("stopped")
+    wait_for(lambda: any(run.is_file(f"pretrain/{name}/{MANIFEST}") for name in stored_steps(run, "pretrain")),
+             "the long job's first complete checkpoint in the bucket", timeout=400, poll_s=0.5)
     stopped = raylm("stop", first, env=env, cwd=tmp_path)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout, stopped.stderr
     wait_for(lambda: f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr, "the job to stop",
              timeout=400, poll_s=0.5)  # each look is a `raylm logs` process
-    assert not (run_dir / "pretrain" / "final").exists()
+    assert not run.is_dir("pretrain/final")
 
-    # The relaunch finishes: its logs end with the summary, its results are in storage.
+    # The relaunch finishes: its logs end with the summary, its results are in the bucket.
     second = _submit(env, tmp_path, *long_run)  # the address from RAY_ADDRESS
     followed = raylm("logs", second, "--follow", env=env, cwd=tmp_path)
     assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-2000:]
     assert f"job {second} is SUCCEEDED" in followed.stderr, followed.stdout[-3000:]
     assert "cluster: 127.0.0.1:" in followed.stdout and "(from RAY_ADDRESS)" in followed.stdout
-    assert "perplexity" in followed.stdout
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "perplexity" in followed.stdout and "s3://" in followed.stdout
+    records = [json.loads(line) for line in run.read_bytes("metrics.jsonl").decode().splitlines()]
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 4
-    assert json.loads((run_dir / "summary.json").read_text())["stages"][0]["steps"] == 40
+    assert json.loads(run.read_bytes("summary.json"))["stages"][0]["steps"] == 40
+    assert run.is_file("pretrain/final/model.safetensors")
 
     # A relaunch with another model is refused before anything runs, naming the key.
     local = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}

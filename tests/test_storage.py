@@ -169,3 +169,34 @@ def test_inputs_only_the_drivers_disk_holds_reach_a_worker_through_the_store(run
     assert on_worker.train.num_samples == on_driver.train.num_samples > 0
     assert (on_worker.train.batch([0, 7])[0] == on_driver.train.batch([0, 7])[0]).all()
     assert on_worker.tokenizer.fingerprint == on_driver.tokenizer.fingerprint
+
+
+def test_a_rank_log_reaches_the_store_while_the_rank_works_and_a_restart_elsewhere_continues_it(runs, cache):
+    """A SIGKILLed rank never reaches its final upload: what it shipped while working is in the store, and the
+    attempt that follows on another machine appends to that copy, not to an empty file."""
+    from raylm import storage
+    from raylm.launcher.rank_logs import LogShipper, continue_stored_log, log_rel
+    from faults import wait_for
+
+    store = storage.Store(runs).child("run")
+    rel = log_rel("pretrain", 0)
+    first = storage.view_of(store)
+    (first / rel).parent.mkdir(parents=True)
+    killed = LogShipper(first, rel, every_s=0.05).__enter__()  # never exited: the process dies
+    (first / rel).write_text("attempt 1 step 1\n")
+    wait_for(lambda: store.is_file(rel) and store.read_bytes(rel) == b"attempt 1 step 1\n", "the shipped log", timeout=20)
+    killed._stop.set()
+
+    cache("another machine")
+    second = storage.view_of(store)
+    continue_stored_log(second, rel)
+    with LogShipper(second, rel):
+        with open(second / rel, "a") as log:
+            log.write("attempt 2 step 1\n")
+    assert store.read_bytes(rel) == b"attempt 1 step 1\nattempt 2 step 1\n"
+
+    # A machine whose own copy is the longer one keeps it.
+    cache("driver")
+    (first / rel).write_text("attempt 1 step 1\nattempt 1 step 2 (never shipped)\nmore\n")
+    continue_stored_log(first, rel)
+    assert (first / rel).read_text().endswith("more\n")

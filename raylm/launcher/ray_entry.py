@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import List
@@ -14,30 +13,13 @@ from raylm import storage
 from raylm.configs.loader import from_yaml_file, resolve_stage
 from raylm.configs.schema import RunConfig
 from raylm.trainer import run_dir as rundir
-from raylm.trainer.layout import CONFIG_FILE, LOGS_DIR, rank_log_name
+from raylm.trainer.layout import CONFIG_FILE
 from raylm.trainer.device import leave_distributed
 from raylm.trainer.phases import Phases
 from raylm.trainer.run_inputs import fetch_inputs
+from raylm.launcher.rank_logs import LogShipper, log_rel, redirect_output
 from raylm.launcher.ray_session import RaySession
 from raylm.parallelism.zero import usable_world_size
-
-
-def _log_to_file(stage_dir: Path) -> None:
-    """Send this rank's stdout/stderr (DeepSpeed's and ours) to runs/<name>/<stage>/logs/ (the fit's next stage
-    moves them to its own directory)."""
-    import ray
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    logs = stage_dir / LOGS_DIR
-    logs.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with open(logs / rank_log_name(rank), "a", buffering=1) as handle:
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-    node = ray.get_runtime_context().get_node_id()
-    print(f"[raylm] rank {rank} pid {os.getpid()} node {node}", flush=True)
 
 
 def _check_placement(tp: int, pp: int) -> None:
@@ -145,23 +127,22 @@ def _stages_to_run(run_dir: Path, indices: List[int]) -> List[int]:
 def train_loop_per_worker(config: dict) -> None:
     """Every stage of the fit in order (``config["stage_indices"]``), each its own checkpoint namespace, logs,
     records and summary, in one worker group: a stage costs no worker start-up of its own."""
+    import ray
     import ray.train
 
     # A run in object storage is worked on in this machine's view of it; otherwise its directory is shared.
     run_dir = storage.view_of(storage.Store(config["run_uri"])) if config["run_uri"] else Path(config["run_dir"])
     if config["run_uri"]:
         storage.pull(run_dir, CONFIG_FILE)
+    rank = ray.train.get_context().get_world_rank()
     for index in _stages_to_run(run_dir, config["stage_indices"]):
         phases = Phases()
         stage = from_yaml_file(run_dir / CONFIG_FILE).stages[index].name
-        _log_to_file(run_dir / stage)
-        try:
+        log = log_rel(stage, rank)
+        redirect_output(run_dir, log)
+        print(f"[raylm] rank {rank} pid {os.getpid()} node {ray.get_runtime_context().get_node_id()}", flush=True)
+        with LogShipper(run_dir, log):
             _run_rank(config, run_dir, index, stage, phases)
-        finally:
-            # Into the run's store, failed or not: on object storage nobody else can read this machine's disk.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            storage.push(run_dir, f"{stage}/{LOGS_DIR}/{rank_log_name(ray.train.get_context().get_world_rank())}")
         # The next stage makes its own default group: its layout may train another number of ranks.
         leave_distributed()
 
