@@ -185,7 +185,7 @@ def test_a_rank_log_reaches_the_store_while_the_rank_works_and_a_restart_elsewhe
     killed = LogShipper(first, rel, every_s=0.05).__enter__()  # never exited: the process dies
     (first / rel).write_text("attempt 1 step 1\n")
     wait_for(lambda: store.is_file(rel) and store.read_bytes(rel) == b"attempt 1 step 1\n", "the shipped log", timeout=20)
-    killed._stop.set()
+    killed.stop()
 
     cache("another machine")
     second = storage.view_of(store)

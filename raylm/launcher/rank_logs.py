@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
-from typing import Optional
 
 from raylm import storage
+from raylm.launcher.periodic import Periodic
 from raylm.trainer.layout import LOGS_DIR, rank_log_name
 
 SHIP_EVERY_S = 30.0
@@ -51,35 +50,15 @@ def redirect_output(run_dir: Path, rel: str) -> None:
         os.dup2(handle.fileno(), 2)
 
 
-class LogShipper:
+class LogShipper(Periodic):
     """Uploads ``run_dir/rel`` to the run's store every ``every_s`` while in use and once on exit, failed or not;
     nothing on a run without a store."""
 
     def __init__(self, run_dir: Path, rel: str, every_s: float = SHIP_EVERY_S):
+        super().__init__(self.ship, every_s, "raylm-log-shipper")
         self.run_dir = run_dir
         self.rel = rel
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self._shipped_size = -1
-
-    def __enter__(self) -> "LogShipper":
-        if storage.store_of(self.run_dir) is not None:
-            self._thread = threading.Thread(target=self._ship_periodically, daemon=True, name="raylm-log-shipper")
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        storage.push(self.run_dir, self.rel)
-
-    def _ship_periodically(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.ship()
 
     def ship(self) -> None:
         """Upload the log if it grew since the last upload (a failed upload is retried next time)."""

@@ -14,7 +14,6 @@ readers order records by step.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +22,7 @@ from rich.console import Console
 from raylm.cluster.relay import drain
 from raylm.configs.loader import dump_nested
 from raylm.configs.schema import RunConfig
+from raylm.launcher.periodic import Periodic
 from raylm.launcher.progress import StageProgress
 from raylm.trainer.layout import METRICS_FILE
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, record_key, restart_event
@@ -81,25 +81,16 @@ class RecordPump:
         self.stages: Dict[str, StageRecords] = {}
         self._live: Optional[StageProgress] = None
         self._first = stages[0][0]
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._following = Periodic(self.pump, 0.5, "raylm-record-pump")
 
     def __enter__(self) -> "RecordPump":
         self._show(self._progress(self._first))  # "starting workers" until the first record
-        self._thread = threading.Thread(target=self._follow, daemon=True, name="raylm-record-pump")
-        self._thread.start()
+        self._following.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.pump()
+        self._following.__exit__(*exc)
         self._show(None)
-
-    def _follow(self) -> None:
-        while not self._stop.wait(0.5):
-            self.pump()
 
     def _progress(self, stage: str) -> StageProgress:
         cfg = self.configs[stage]
