@@ -117,6 +117,33 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
 
+def test_a_worker_killed_in_a_later_stage_of_the_worker_group_restarts_that_stage_alone(ray_cluster, tmp_path):
+    """pretrain -> sft in one worker group, a worker SIGKILLed in sft (which keeps no checkpoints): the new group
+    skips the finished pretrain and starts sft over from pretrain's final weights, not from the pretrain
+    checkpoint Ray Train registered last."""
+    run_dir = tmp_path / "two"
+    two_stages = [*TINY_PRETRAIN, "train.max_steps=4", "train.ckpt_every=2", "fault.max_failures=1",
+                  "stages=[{name: pretrain, kind: pretrain}, {name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}, "
+                  "train: {max_steps: 12, ckpt_every: 0}}]"]
+
+    def kill_in_sft() -> None:
+        wait_for(lambda: latest_step(run_dir, "sft") >= 2, "step 2 of sft")
+        injected.append(signal_worker(run_dir / "sft", signal.SIGKILL))
+
+    injected: list = []
+    injector = when_step_reached(run_dir, 4, kill_in_sft)
+    launch_in_process(tmp_path, "two", two_stages)
+    injector.join(timeout=60)
+    assert injector.error is None and injected[0] is not None, injector.error
+    assert len(read_metrics(run_dir, "pretrain", kind="start")) == 1
+    restarts = [r for r in read_metrics(run_dir, "sft", kind="event") if r["event"] in ("restart", "skipped_checkpoint")]
+    assert [(r["event"], r["step"]) for r in restarts] == [("restart", 0)], restarts
+    # Both attempts' first step started from the same weights on the same batch.
+    first_losses = [r["loss"] for r in read_metrics(run_dir, "sft") if r["step"] == 1]
+    assert len(first_losses) == 2 and first_losses[0] == first_losses[1]
+    assert json.loads((run_dir / "summary.json").read_text())["stages"][1]["steps"] == 12
+
+
 def test_middle_pipeline_stage_is_not_taken_for_hung(ray_cluster, tmp_path):
     """pp=3: the middle stage never reads a batch, yet trains on past fault.hang_timeout_s without a restart."""
     hang_timeout = 10  # the process-group timeout too: shorter risks startup skew between workers on 2 cores
