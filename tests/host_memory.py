@@ -17,28 +17,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from gloo_spawn import run_on_gloo
+from peak_rss import peak_since, start_measuring
 
 MIB = 2**20
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 1024  # kB
-
-
-def _start_measuring() -> float:
-    """Reset the peak resident set size to the current one (Linux clear_refs 5); returns the current one in MiB.
-
-    Not ``ru_maxrss``: it survives ``execve``, so a spawned rank would start from its parent's size.
-    """
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    return _status_mib("VmRSS")
-
-
-def _peak_since(start: float) -> float:
-    return _status_mib("VmHWM") - start
 
 
 def _build(rank: int, world_size: int, layouts: Sequence[Sequence[str]], init_from: Optional[str], out: str) -> None:
@@ -57,12 +38,12 @@ def _build(rank: int, world_size: int, layouts: Sequence[Sequence[str]], init_fr
         weights = stored_weights(weight_locations(Path(init_from)), init_from) if init_from else fresh_weights(run.model, run.train.seed)
         with torch.device("meta"):  # holds nothing, but the first meta model imports torch's meta kernels (~80 MiB, once)
             layout = Llama(run.model, run.train.seed)
-        before = _start_measuring()
+        before = start_measuring()
         par = build_parallel_model(layout, run, rank, world_size, weights)
         # Read every weight: stored ones may be lazily mapped from their file until something reads them (as
         # moving them to the GPU does), and only then count in the resident set.
         held = sum(p.numel() * p.element_size() for p in par.module.parameters() if p.sum().isfinite()) / MIB
-        results.append({"peak_mib": _peak_since(before), "weights_mib": held})
+        results.append({"peak_mib": peak_since(before), "weights_mib": held})
         del par, layout, weights
         gc.collect()
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
@@ -113,9 +94,9 @@ def _step(rank: int, world_size: int, overrides: Sequence[str], bf16: bool, out:
     tokens = torch.randint(0, run.model.vocab_size, (run.parallel.micro_batch_size, run.model.max_seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     par.loss_fn(model(inputs[:, :8]).float(), targets[:, :8]).backward()  # kernels' one-time set-up, outside the measurement
-    before = _start_measuring()
+    before = start_measuring()
     par.loss_fn(model(inputs).float(), targets).backward()  # what the training loop runs per micro-batch
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_mib": _peak_since(before)}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"peak_mib": peak_since(before)}))
 
 
 def step_peaks(world_size: int, overrides: Sequence[str], bf16: bool = False) -> List[float]:

@@ -126,6 +126,90 @@ def test_text_file_is_one_document(tmp_path):
     assert list(iter_documents(str(tmp_path / "a.txt"))) == ["line one\nline two\n"]
 
 
+def cut_by_definition(text: str, piece_chars: int) -> list:
+    """Pieces of ``text``: each but the last ends just after the first "\n" at least ``piece_chars`` into it
+    whose neighbours are both non-whitespace."""
+    pieces, start = [], 0
+    for i in range(1, len(text) - 1):
+        if text[i] == "\n" and not text[i - 1].isspace() and not text[i + 1].isspace() and i + 1 - start >= piece_chars:
+            pieces.append(text[start : i + 1])
+            start = i + 1
+    return pieces + [text[start:]]
+
+
+@pytest.mark.parametrize("piece_chars", [2, 7, 64, 1000])
+@pytest.mark.parametrize("chunk_chars", [1, 3, 50, 4096])
+def test_text_is_cut_only_between_a_non_whitespace_character_and_a_line_break(piece_chars, chunk_chars):
+    """However the text arrives in chunks."""
+    import random
+
+    from raylm.data.corpus import _cut
+
+    rng = random.Random(piece_chars * chunk_chars)
+    text = "".join(rng.choice(["a", "b", " ", "\n", "\n", "\t", "é", "日", "\x1c"]) for _ in range(5000))
+    pieces = list(_cut([text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)], piece_chars))
+    assert pieces == cut_by_definition(text, piece_chars) and len(pieces) > 1
+
+
+def test_a_text_without_cut_points_is_one_piece():
+    from raylm.data.corpus import _cut
+
+    text = "".join(f"line {i} \n\n\tindented\n " for i in range(100)) + "x"
+    assert list(_cut([text[i : i + 10] for i in range(0, len(text), 10)], 16)) == [text]
+
+
+@pytest.mark.parametrize("bad_at", [*range(61, 67), *range(190, 195), None])
+def test_a_text_file_read_in_chunks_gives_the_whole_file_error_for_a_bad_byte(tmp_path, bad_at):
+    """The same one line as reading the file whole, with the offset in the file, wherever the bad byte falls
+    against the chunks of 64 bytes (inside a character the previous chunk ended in); None: the file ends
+    inside a character."""
+    from raylm.files import read_text, read_text_chunks
+
+    data = "é日\r\n".encode() * 40  # characters of 2 and 3 bytes (one across byte 64, one across byte 192), CRLF line ends
+    data = data + "日".encode()[:2] if bad_at is None else data[:bad_at] + b"\xff" + data[bad_at:]
+    (tmp_path / "t.txt").write_bytes(data)
+    with pytest.raises(UserError) as whole:
+        read_text(tmp_path / "t.txt", "fix it")
+    with pytest.raises(UserError) as chunked:
+        "".join(read_text_chunks(tmp_path / "t.txt", "fix it", 64))
+    assert str(chunked.value) == str(whole.value)
+
+
+def test_a_text_file_read_in_chunks_is_the_text_read_whole(tmp_path):
+    """Universal newlines too: a CRLF or a lone CR split between two chunks is one line break."""
+    from raylm.files import read_text, read_text_chunks
+
+    (tmp_path / "t.txt").write_bytes(("é\r\nline\rx\n日" * 50).encode())
+    expected = read_text(tmp_path / "t.txt", "fix")
+    assert "\r" not in expected
+    for chunk_bytes in (1, 2, 3, 5, 64, 1 << 20):
+        assert "".join(read_text_chunks(tmp_path / "t.txt", "fix", chunk_bytes)) == expected
+
+
+def _tokenizer_variant(byte: Tokenizer, change) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(byte.hf.to_str())
+    change(hf)
+    return Tokenizer(hf)
+
+
+def test_only_gpt2_byte_level_tokenizers_encode_pieces_alone(bpe, byte):
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+
+    assert bpe.encodes_pieces_alone and byte.encodes_pieces_alone
+    assert _tokenizer_variant(byte, lambda hf: hf.add_tokens(["<x>", AddedToken("<r>", rstrip=True)])).encodes_pieces_alone
+    changes = {
+        "prefix space": lambda hf: setattr(hf, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        "no regex": lambda hf: setattr(hf, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)),
+        "metaspace": lambda hf: setattr(hf, "pre_tokenizer", pre_tokenizers.Metaspace()),
+        "normalizer": lambda hf: setattr(hf, "normalizer", normalizers.NFKC()),
+        "added line break": lambda hf: hf.add_tokens(["\n#"]),
+        "added lstrip": lambda hf: hf.add_tokens([AddedToken("<l>", lstrip=True)]),
+    }
+    assert [name for name, change in changes.items() if _tokenizer_variant(byte, change).encodes_pieces_alone] == []
+
+
 def test_directory_reads_txt_and_md_recursively_in_order(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.md").write_text("B")

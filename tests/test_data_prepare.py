@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -17,12 +18,13 @@ import pytest
 
 from conftest import one_line_error
 from raylm.configs.schema import DataConfig, ModelConfig
-from raylm.data import prepare_dataset
-from raylm.data.corpus import source_inputs
+from raylm.data import corpus, prepare_dataset
+from raylm.data.corpus import input_pieces, pydoc_topics, source_inputs
 from raylm.data.indexed import IndexedShard, ShardWriter
 from raylm.data.prepare import MANIFEST, prepare, tokenizer_sample
-from raylm.data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
+from raylm.data.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from raylm.errors import UserError
+from raylm.files import read_text
 from raylm.launcher.cli import main
 
 DOCS = [f"document {i}: " + "héllo wörld " * (3 + i % 5) for i in range(24)]
@@ -90,10 +92,13 @@ def test_shards_are_megatron_indexed_datasets(byte, tmp_path):
 
 def test_large_vocabularies_use_int32(tmp_path):
     writer = ShardWriter(tmp_path / "big", np.dtype(np.int32))
-    writer.add(np.array([70000, 1, 2]))
+    writer.extend(np.array([70000, 1]))
+    writer.extend(np.array([2]))
+    writer.end_document()
     writer.close()
     assert Path(f"{tmp_path / 'big'}.idx").read_bytes()[17] == 4  # Megatron's code for int32
     np.testing.assert_array_equal(IndexedShard(tmp_path / "big").tokens, [70000, 1, 2])
+    assert IndexedShard(tmp_path / "big").lengths.tolist() == [3]
 
 
 def _mtimes(out: Path) -> dict:
@@ -171,9 +176,136 @@ def test_rerun_of_the_command_keeps_its_tokenizer_and_shards(tmp_path):
 def test_encode_batches_are_bounded_by_documents_and_text():
     from raylm.data.prepare import _batches
 
-    docs = ["a" * n for n in (3, 3, 3, 9, 1, 1, 1, 1, 1)]
-    assert [[len(d) for d in b] for b in _batches(docs, size=4, max_chars=8)] == [[3, 3], [3], [9], [1, 1, 1, 1], [1]]
-    assert [len(b) for b in _batches(DOCS, size=512)] == [len(DOCS)]
+    pieces = [("a" * n, True) for n in (3, 3, 3, 9, 1, 1, 1, 1, 1)]
+    assert [[len(text) for text, _ in b] for b in _batches(pieces, size=4, max_chars=8)] == [[3, 3], [3], [9], [1, 1, 1, 1], [1]]
+    assert [len(b) for b in _batches([(d, True) for d in DOCS], size=512, max_chars=1 << 20)] == [len(DOCS)]
+
+
+def whitespace_heavy_text() -> str:
+    """The Python help topics joined, each followed by runs of spaces, blank lines, tabs, trailing spaces,
+    CRLF line ends or non-ASCII lines, five times over (about 2.4 MB): many cut points, and many line breaks
+    next to whitespace, where a cut would change the tokens (" \n" ending a piece is one pre-token)."""
+    fillers = ["   \n\n\n", "\t\tx  \n \ny\n", "end \r\nnext \n\nlast\r\n", "héllo 日本語 🎉\nwörld \nagain\n",
+               "\n" * 5 + " " * 40 + "z\n\tq", "trailing \n\n\ttab \nspace \n\n" * 40]
+    return "".join(topic + fillers[i % len(fillers)] for i, (_, topic) in enumerate(pydoc_topics())) * 5
+
+
+def prepared_text_file(tmp_path: Path, text: str, tokenizer: Tokenizer) -> tuple:
+    """(manifest, token stream, the document read whole) of one text file prepared into ``tmp_path / "out"``."""
+    path = tmp_path / "doc.txt"
+    path.write_bytes(text.encode())  # bytes, so that CRLF line ends stay in the file
+    manifest = prepare([str(path)], tmp_path / "out", tokenizer)
+    return manifest, stream_of(tmp_path / "out"), read_text(path, "")
+
+
+def test_a_text_file_in_pieces_gives_the_tokens_of_the_whole_document(monkeypatch, tmp_path):
+    """With a BPE trained on the text itself, which merges a space with a line break: a cut after " \n" would
+    change the tokens."""
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 4096)
+    text = whitespace_heavy_text()
+    tokenizer = train_tokenizer([text[: len(text) // 5]], "bpe", 512)  # one of the five copies
+    assert "ĠĊ" in tokenizer.hf.get_vocab()  # byte-level BPE's symbols for " " and "\n"
+    manifest, stream, document = prepared_text_file(tmp_path, text, tokenizer)
+    assert len(list(input_pieces(str(tmp_path / "doc.txt")))) > 400
+    np.testing.assert_array_equal(stream, tokenizer.encode(document) + [tokenizer.eos_id])
+    assert (manifest["documents"], manifest["tokens"], manifest["shards"][0]["text_bytes"]) == (1, len(stream), len(document.encode()))
+    assert IndexedShard(tmp_path / "out" / "shards" / manifest["shards"][0]["shard"]).lengths.tolist() == [len(stream)]
+
+
+def test_a_long_jsonl_document_is_encoded_in_pieces_and_ends_once(byte, monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 4096)
+    long = whitespace_heavy_text()[:300_000]
+    documents = [DOCS[0], long, DOCS[1]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    assert len(list(input_pieces(str(tmp_path / "c.jsonl")))) > 50
+    manifest = prepare([str(tmp_path / "c.jsonl")], tmp_path / "out", byte)
+    np.testing.assert_array_equal(stream_of(tmp_path / "out"), expected_stream(byte, documents))
+    lengths = IndexedShard(tmp_path / "out" / "shards" / manifest["shards"][0]["shard"]).lengths
+    assert manifest["documents"] == 3 and lengths.tolist() == [len(byte.encode(d)) + 1 for d in documents]
+
+
+def test_a_text_file_without_cut_points_is_one_piece(byte, monkeypatch, tmp_path):
+    """Every line break has whitespace on one side: nowhere to cut, so the document is one piece, held whole."""
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 4096)
+    text = "".join(f"line {i} of text \n\n\tindented {i}\n " for i in range(2000))
+    _, stream, document = prepared_text_file(tmp_path, text, byte)
+    assert list(input_pieces(str(tmp_path / "doc.txt"))) == [(text, True)]
+    np.testing.assert_array_equal(stream, byte.encode(document) + [byte.eos_id])
+
+
+TOKENIZE_AND_MEASURE = """
+import json, sys
+from peak_rss import peak_since, start_measuring
+from raylm.data import corpus
+from raylm.data.prepare import ShardJob, tokenize_input
+from raylm.data.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+prepare = sys.modules["raylm.data.prepare"]
+corpus.PIECE_CHARS, prepare.ENCODE_BATCH_CHARS = 1 << 14, 1 << 16
+tokenizer_json = train_tokenizer([], "byte", MIN_VOCAB_SIZE).hf.to_str()
+start = start_measuring()
+record = tokenize_input(ShardJob(sys.argv[1], sys.argv[2], tokenizer_json, "text"))
+print(json.dumps({"peak_mib": peak_since(start), "tokens": record["tokens"]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_tokenizing_a_large_text_file_holds_a_batch_not_the_document(tmp_path):
+    """Peak resident memory that tokenizing one 4 MB document adds, in a fresh process: what a batch costs, far
+    from the ~280 bytes per token the whole document would (1.1 GB here, measured with pieces as large as the file). The byte tokenizer makes a token of
+    every byte, the most a text can have; pieces and batches are made smaller than prepare's (16 and 64 KiB),
+    so that a few MB show it (prepare's own: README, "Data", memory)."""
+    import subprocess
+
+    line = " ".join(f"word{i}" for i in range(12)) + "\n"
+    (tmp_path / "big.txt").write_text(line * (4_000_000 // len(line)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", TOKENIZE_AND_MEASURE, str(tmp_path / "big.txt"), str(tmp_path / "big")],
+                          env=env, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout)
+    whole_document_mib = 280 * measured["tokens"] / 2**20
+    assert measured["peak_mib"] < whole_document_mib / 20, (measured, whole_document_mib)
+
+
+def test_a_bad_byte_far_into_a_large_text_file_is_one_line_and_leaves_no_shard(capsys, byte, monkeypatch, tmp_path):
+    """After several batches of the file are written: the one line names the file and the byte's offset,
+    and neither the shard nor the dataset is left looking complete."""
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 1 << 14)
+    monkeypatch.setattr(sys.modules["raylm.data.prepare"], "ENCODE_BATCH_CHARS", 1 << 16)  # raylm.data.prepare is also a function
+    good = "".join(f"line {i} of a long file\n" for i in range(40000)).encode()  # about 1 MB: 15 batches
+    path = tmp_path / "big.txt"
+    path.write_bytes(good + "café\n".encode("latin-1") + good[:1000])
+    expected = f"{path} is not UTF-8 text (bad byte at offset {len(good) + 3})"
+    with pytest.raises(UserError, match=re.escape(expected)):
+        prepare([str(path)], tmp_path / "out", byte)
+    assert [p.name for p in (tmp_path / "out" / "shards").iterdir()] == [] and not (tmp_path / "out" / MANIFEST).exists()
+    byte.save(tmp_path / "tok")
+    line = one_line_error(capsys, "data", "prepare", str(path), "--out", str(tmp_path / "new"), "--workers", "1", "--tokenizer", str(tmp_path / "tok"))
+    assert expected in line and not (tmp_path / "new").exists()
+
+
+def metaspace_tokenizer(texts: list) -> Tokenizer:
+    """A SentencePiece-like BPE: Metaspace puts "▁" before every text it encodes, so pieces encoded alone differ."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS), show_progress=False))
+    return Tokenizer(hf)
+
+
+def test_a_tokenizer_that_is_not_byte_level_encodes_a_text_file_whole(monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 1024)
+    text = "".join(f"line {i} of the file\nwith words\n" for i in range(1000))
+    tokenizer = metaspace_tokenizer([text])
+    assert not tokenizer.encodes_pieces_alone
+    _, stream, document = prepared_text_file(tmp_path, text, tokenizer)
+    pieces = [piece for piece, _ in input_pieces(str(tmp_path / "doc.txt"))]
+    assert len(pieces) > 10 and sum((tokenizer.encode(p) for p in pieces), []) != tokenizer.encode(document)
+    np.testing.assert_array_equal(stream, tokenizer.encode(document) + [tokenizer.eos_id])
 
 
 def test_a_rerun_with_nothing_to_tokenize_starts_no_cluster(monkeypatch, tmp_path):
@@ -230,7 +362,6 @@ def _bad(tmp_path: Path, name: str, content) -> Path:
     ],
 )
 def test_bad_input_is_one_line_naming_file_and_fix(capsys, tmp_path, name, content, expected):
-    import re
 
     path = _bad(tmp_path, name, content)
     line = one_line_error(capsys, "data", "prepare", str(path), "--out", str(tmp_path / "out"), "--workers", "1", "--tokenizer-sample-mb", "1")

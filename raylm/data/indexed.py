@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from pathlib import Path
-from typing import BinaryIO, List, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 
@@ -32,29 +33,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
+MAX_SEQUENCE_TOKENS = 2**31 - 1
+"""The index stores each sequence's length as an int32."""
+
+
 class ShardWriter:
     """Streams documents into ``<prefix>.bin`` and writes ``<prefix>.idx`` at close.
 
-    Both are written under temporary names and renamed into place, ``.idx``
-    last, so a crash never leaves a pair that looks complete.
+    A document's ids come in any number of ``extend`` calls; ``end_document`` ends it. Both files are
+    written under temporary names and renamed into place, ``.idx`` last, so a crash never leaves a pair
+    that looks complete.
     """
 
     def __init__(self, prefix: Union[str, Path], dtype: np.dtype):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self.lengths: List[int] = []
+        self.lengths = array("q")  # 8 bytes a document, not a Python int's 28 plus a list slot
+        self._document_tokens = 0
         self._bin: BinaryIO = open(self._tmp(".bin"), "wb")
 
     def _tmp(self, suffix: str) -> Path:
         return self.prefix.with_name(self.prefix.name + suffix + ".tmp")
 
-    def add(self, ids: np.ndarray) -> None:
+    def extend(self, ids: Sequence[int]) -> None:
+        """Append ids to the current document."""
         self._bin.write(np.asarray(ids, dtype=self.dtype).tobytes())
-        self.lengths.append(len(ids))
+        self._document_tokens += len(ids)
+
+    def end_document(self) -> None:
+        if self._document_tokens > MAX_SEQUENCE_TOKENS:
+            raise UserError(f"{self.prefix}: a document of {self._document_tokens} tokens is more than Megatron's index holds ({MAX_SEQUENCE_TOKENS}); split its input into smaller files")
+        self.lengths.append(self._document_tokens)
+        self._document_tokens = 0
 
     def close(self) -> None:
         self._bin.close()
-        lengths = np.asarray(self.lengths, dtype=np.int32)
+        lengths = np.asarray(self.lengths).astype(np.int32)
         pointers = np.zeros(len(lengths), dtype=np.int64)
         np.cumsum(lengths[:-1], out=pointers[1:])
         pointers *= self.dtype.itemsize

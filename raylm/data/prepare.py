@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from raylm.data.corpus import BUILTIN_PYDOC, input_documents, pydoc_topics
+from raylm.data.corpus import BUILTIN_PYDOC, Piece, input_pieces, pydoc_topics, whole_documents
 from raylm.data.indexed import IndexedShard, ShardWriter, token_dtype
 from raylm.data.meta import invalidate, read_meta, write_meta
 from raylm.data.tokenizer import Tokenizer
@@ -37,12 +37,12 @@ SHARDS_DIR = "shards"
 FORMAT = "raylm-prepared-1"
 ENCODE_BATCH_DOCUMENTS = 512
 ENCODE_BATCH_CHARS = 1 << 20
-"""Documents handed to the tokenizer at once: up to 512 of them and about 1 MiB of text (whichever
-comes first; a longer document goes alone), big enough to use every core, small enough to stream.
-The text bound caps one batch's memory: HF tokenizers' encodings and the lists of ids cost a few hundred
-bytes per token while a batch is in flight (+46 MB over the process' baseline instead of +183 MB for
-512 documents of 16 KB Python sources: BENCHMARKS.md, "Data preparation throughput", which also shows
-what is not bounded yet)."""
+"""Documents, or pieces of documents, handed to the tokenizer at once: up to 512 of them and about 1 MiB of
+text (whichever comes first; a longer one goes alone), big enough to use every core, small enough to
+stream. The text bound caps one batch's memory: HF tokenizers' encodings and the lists of ids cost a few
+hundred bytes per token while a batch is in flight (+46 MB over the process' baseline instead of +183 MB
+for 512 documents of 16 KB Python sources: BENCHMARKS.md, "Data preparation throughput"). A longer
+document comes in pieces of about ``raylm.data.corpus.PIECE_CHARS`` (64 KiB) where the tokenizer allows it."""
 TOKENIZER_SAMPLE_BYTES = 64 << 20
 """Text a tokenizer is trained on at most, taken evenly from the inputs' first documents."""
 HASH_CHUNK = 1 << 20
@@ -96,21 +96,32 @@ class ShardJob:
     text_field: str
 
 
-def _batches(documents: Iterable[str], size: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[List[str]]:
-    """Lists of at most ``size`` documents whose text stays under ``max_chars`` (a longer document goes alone)."""
-    batch: List[str] = []
+def _batches(pieces: Iterable[Piece], size: int, max_chars: int) -> Iterator[List[Piece]]:
+    """Lists of at most ``size`` pieces whose text stays under ``max_chars`` (a longer piece goes alone)."""
+    batch: List[Piece] = []
     chars = 0
-    for document in documents:
-        if batch and chars + len(document) > max_chars:
+    for piece in pieces:
+        if batch and chars + len(piece[0]) > max_chars:
             yield batch
             batch, chars = [], 0
-        batch.append(document)
-        chars += len(document)
+        batch.append(piece)
+        chars += len(piece[0])
         if len(batch) == size:
             yield batch
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _encodable_pieces(job: ShardJob, tokenizer: Tokenizer) -> Iterator[Piece]:
+    """The input's non-blank documents as (text, ends the document) pairs: in pieces when they encode to the
+    ids of the whole (``Tokenizer.encodes_pieces_alone``), else joined, a text file's held whole."""
+    pieces = input_pieces(job.input, job.text_field)
+    if not tokenizer.encodes_pieces_alone:
+        pieces = ((document, True) for document in whole_documents(pieces))
+    # Only a document of one piece can be blank: a piece that does not end its document ends with a
+    # non-whitespace character and "\n", and the next starts with a non-whitespace one.
+    return (piece for piece in pieces if piece[0].strip())
 
 
 def tokenize_input(job: ShardJob, progress: Optional[Progress] = None) -> Dict[str, Any]:
@@ -121,14 +132,18 @@ def tokenize_input(job: ShardJob, progress: Optional[Progress] = None) -> Dict[s
     writer = ShardWriter(job.prefix, dtype)
     documents = tokens = text_bytes = 0
     try:
-        for batch in _batches((d for d in input_documents(job.input, job.text_field) if d.strip()), ENCODE_BATCH_DOCUMENTS):
+        for batch in _batches(_encodable_pieces(job, tokenizer), ENCODE_BATCH_DOCUMENTS, ENCODE_BATCH_CHARS):
             batch_tokens = 0
-            for ids in tokenizer.encode_batch(batch):
-                ids.append(tokenizer.eos_id)
-                writer.add(ids)
+            for (_, ends), ids in zip(batch, tokenizer.encode_batch([text for text, _ in batch])):
+                if ends:
+                    ids.append(tokenizer.eos_id)
+                writer.extend(ids)
+                if ends:
+                    writer.end_document()
                 batch_tokens += len(ids)
-            batch_bytes = sum(len(d.encode()) for d in batch)
-            documents, tokens, text_bytes = documents + len(batch), tokens + batch_tokens, text_bytes + batch_bytes
+            batch_bytes = sum(len(text.encode()) for text, _ in batch)
+            documents += sum(ends for _, ends in batch)
+            tokens, text_bytes = tokens + batch_tokens, text_bytes + batch_bytes
             if progress:
                 progress(batch_bytes, batch_tokens)
     except BaseException:
@@ -261,19 +276,23 @@ def shard_prefixes(out_dir: Path, manifest: Dict[str, Any]) -> List[Path]:
 
 def tokenizer_sample(inputs: Sequence[str], text_field: str, budget_bytes: int = TOKENIZER_SAMPLE_BYTES) -> Iterator[str]:
     """A bounded, deterministic sample to train a tokenizer on: each input's first documents
-    up to an equal share of ``budget_bytes`` (a document that crosses the share is cut there)."""
+    up to an equal share of ``budget_bytes`` (a document that crosses the share is cut there).
+
+    Documents come in their pieces (``raylm.data.corpus.input_pieces``), so a large text file is never read
+    whole: training on them equals training on their document, because raylm trains byte-level BPE, whose
+    pre-tokens (what the trainer counts) never span a cut between pieces."""
     share = max(1, budget_bytes // max(1, len(inputs)))
     empty = True
     for input_ in inputs:
         left = share
-        for document in input_documents(input_, text_field):
+        for text, _ in input_pieces(input_, text_field):
             if left <= 0:
                 break
-            if document.strip():
-                piece = document if len(document) <= left else document[:left]
-                left -= len(piece.encode())
+            if text.strip():
+                taken = text if len(text) <= left else text[:left]
+                left -= len(taken.encode())
                 empty = False
-                yield piece
+                yield taken
     if empty:
         raise UserError(_only_empty(inputs))
 

@@ -71,6 +71,23 @@ class Tokenizer:
         return "bpe" if json.loads(self.hf.to_str())["model"]["merges"] else "byte"
 
     @property
+    def encodes_pieces_alone(self) -> bool:
+        """Whether a text cut just after a "\\n" between two non-whitespace characters (``raylm.data.corpus``
+        cuts long documents there) encodes, piece by piece, to the ids of the whole text.
+
+        True for GPT-2's byte-level pre-tokenizer without a prefix space or a normalizer, raylm's own: the
+        model merges within pre-tokens only, that "\\n" is a pre-token of its own whether the text goes on or
+        ends there, and the next character starts one either way. Not known for anything else, so False: a
+        pre-tokenizer that prefixes every text with a space (Metaspace, SentencePiece-like), a normalizer, or
+        an added token that could span the cut (holding a "\\n") or take the "\\n" before it (``lstrip``).
+        """
+        spec = json.loads(self.hf.to_str())
+        pre_tokenizer = spec.get("pre_tokenizer") or {}
+        gpt2_pre_tokens = pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("add_prefix_space") is False and pre_tokenizer.get("use_regex") is True
+        added_stay_whole = all("\n" not in token["content"] and not token.get("lstrip") for token in spec.get("added_tokens") or [])
+        return gpt2_pre_tokens and spec.get("normalizer") is None and added_stay_whole
+
+    @property
     def fingerprint(self) -> str:
         """sha256 of the serialized tokenizer: datasets built with another one are stale."""
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
