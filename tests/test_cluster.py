@@ -28,6 +28,21 @@ def test_embedded_cluster_lives_on_loopback(ray_cluster):
     assert ray.get(worker_ip.remote()) == "127.0.0.1"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_embedded_cluster_runs_workers_at_the_drivers_priority(ray_cluster):
+    """Ray would start them at nice 15, below the driver and Ray's own processes (torchrun's ranks keep the shell's)."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness():
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)
+
+
 def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)  # gRPC's dual-stack sockets show 127.0.0.1 as ::ffff:127.0.0.1

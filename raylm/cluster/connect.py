@@ -56,6 +56,10 @@ def _ray_env_defaults() -> None:
     # Ray Train's controller sees a finished or failed worker group at its next poll of the workers, every 2 s by
     # default: on average 1 s more per stage. A poll is one small call per worker; a slow one is awaited in the next.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # An embedded cluster's raylet would start every worker at nice 15, below the driver and Ray's own processes:
+    # on a CPU node each of their wake-ups (the driver's record pump, W&B, Ray's polls) then preempts the ranks.
+    # torchrun's ranks run at the shell's priority; so do these. (A cluster started elsewhere keeps its setting.)
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def start_or_connect(
