@@ -1,0 +1,96 @@
+"""Whether a stage computes in bf16: ``train.precision`` as given, or the choice 'auto' makes once for every rank.
+
+'auto' picks bf16 where it is faster: on GPUs with native bf16 (by compute capability) and on CPUs whose
+bf16 matmuls, measured here with the rank's threads, run at least ``BF16_MIN_SPEEDUP`` times fp32's. Rank 0
+alone decides and broadcasts the decision: ranks measuring for themselves could land on both sides of the
+threshold, and DeepSpeed hangs or fails when ranks build their engines in different precisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from raylm.trainer.mfu import measured_peak
+
+NATIVE_BF16_CAPABILITY = (8, 0)
+"""Ampere and newer compute in bf16; V100 and T4 only emulate it (``torch.cuda.is_bf16_supported()`` says yes)."""
+
+BF16_MIN_SPEEDUP = 2.0
+"""bf16 training adds work that matmuls do not speed up (casts of weights and activations, fp32 norms, softmax
+and optimizer), so a CPU needs a clear matmul gain before bf16 pays: issue 12 sets it at twice fp32's peak."""
+
+PROBE_SIZES = (256, 512, 1024)
+"""Square matmuls timed per dtype for 'auto' on a CPU. Small enough that both dtypes take about a tenth of a
+second on two cores; a CPU without native bf16 is so slow at it that the larger sizes fall outside
+``PROBE_BUDGET_S`` and are skipped, which only confirms fp32. The ratio grows with the size on CPUs with bf16
+units, so the largest size that fits is the one that counts (``measured_peak`` keeps the best)."""
+
+PROBE_BUDGET_S = 0.25
+"""Seconds per dtype (``measured_peak``'s budget): the smallest size always runs."""
+
+MatmulRates = Tuple[float, float]
+"""(bf16, fp32) matmul FLOP/s."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a stage computes in, and why."""
+
+    bf16: bool
+    basis: str
+    """'train.precision' (set explicitly), 'gpu capability X.Y' or 'measured matmul peaks' (both 'auto')."""
+    rates: Optional[MatmulRates] = None
+    """(bf16, fp32) matmul FLOP/s rank 0 measured, when 'auto' measured them."""
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def record(self) -> Dict[str, object]:
+        """Flat keys for the stage's start record and summary."""
+        record: Dict[str, object] = {"precision": self.name, "precision_basis": self.basis}
+        if self.rates is not None:
+            record["precision_bf16_matmul_tflops"], record["precision_fp32_matmul_tflops"] = (rate / 1e12 for rate in self.rates)
+        return record
+
+
+def cpu_prefers_bf16(rates: MatmulRates) -> bool:
+    """The rule 'auto' applies on a CPU: bf16 when its matmul peak is at least ``BF16_MIN_SPEEDUP`` x fp32's."""
+    bf16_rate, fp32_rate = rates
+    return bf16_rate >= BF16_MIN_SPEEDUP * fp32_rate
+
+
+def measure_matmul_rates(device: torch.device) -> MatmulRates:
+    """(bf16, fp32) peak FLOP/s of ``PROBE_SIZES`` matmuls on ``device`` with this process's threads."""
+    bf16, fp32 = (measured_peak(device, dtype, PROBE_SIZES, PROBE_BUDGET_S).flops for dtype in (torch.bfloat16, torch.float32))
+    return bf16, fp32
+
+
+def decide(precision: str, device: torch.device, measure: Callable[[torch.device], MatmulRates] = measure_matmul_rates) -> Precision:
+    """This process's reading of ``train.precision`` on ``device`` (under 'auto' only rank 0's counts: ``choose_precision``)."""
+    if precision != "auto":
+        return Precision(precision == "bf16", "train.precision")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        return Precision(capability >= NATIVE_BF16_CAPABILITY, "gpu capability {}.{}".format(*capability))
+    rates = measure(device)
+    return Precision(cpu_prefers_bf16(rates), "measured matmul peaks", rates)
+
+
+def choose_precision(precision: str, device: torch.device, rank: int,
+                     measure: Callable[[torch.device], MatmulRates] = measure_matmul_rates) -> Precision:
+    """Every rank's precision for the stage; under 'auto' rank 0's decision, broadcast over the default group
+    (a collective: every rank calls it, before building its engine)."""
+    if precision != "auto":
+        return decide(precision, device)
+    chosen = [decide(precision, device, measure) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
