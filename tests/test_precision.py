@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gloo_spawn import run_on_gloo
-from raylm.trainer.precision import BF16_MIN_SPEEDUP, Precision, choose_precision, cpu_prefers_bf16, decide, measure_matmul_rates
+from raylm.trainer import precision
+from raylm.trainer.precision import Precision, choose_precision, cpu_prefers_bf16, decide, measure_matmul_rates
 
 CPU = torch.device("cpu")
 
@@ -28,23 +29,24 @@ def _must_not_measure(device):
     ((1.0e12, 1.0e12), False),  # AVX-512 without bf16 units
     ((0.1e12, 1.0e12), False),  # emulated bf16
 ])
-def test_cpu_auto_picks_bf16_where_its_matmul_peak_is_at_least_twice_fp32s(rates, bf16):
-    assert BF16_MIN_SPEEDUP == 2.0
+def test_cpu_auto_picks_bf16_where_its_matmul_peak_is_at_least_twice_fp32s(monkeypatch, rates, bf16):
     assert cpu_prefers_bf16(rates) is bf16
-    chosen = decide("auto", CPU, measure=lambda device: rates)
+    monkeypatch.setattr(precision, "measure_matmul_rates", lambda device: rates)
+    chosen = decide("auto", CPU)
     assert chosen == Precision(bf16, "measured matmul peaks", rates)
     assert chosen.record() == {"precision": "bf16" if bf16 else "fp32", "precision_basis": "measured matmul peaks",
                                "precision_bf16_matmul_tflops": rates[0] / 1e12, "precision_fp32_matmul_tflops": rates[1] / 1e12}
 
 
 @pytest.mark.parametrize("device", [CPU, torch.device("cuda", 0)])
-def test_explicit_precision_is_used_as_given_without_measuring(device):
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        chosen = decide(precision, device, measure=_must_not_measure)
-        assert chosen.dtype == dtype and chosen.name == precision
-        assert chosen.record() == {"precision": precision, "precision_basis": "train.precision"}
+def test_explicit_precision_is_used_as_given_without_measuring(monkeypatch, device):
+    monkeypatch.setattr(precision, "measure_matmul_rates", _must_not_measure)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        chosen = decide(name, device)
+        assert chosen.dtype == dtype and chosen.name == name
+        assert chosen.record() == {"precision": name, "precision_basis": "train.precision"}
         # No collective either: this runs without a process group.
-        assert choose_precision(precision, device, rank=1, measure=_must_not_measure) == chosen
+        assert choose_precision(name, device, rank=1) == chosen
 
 
 @pytest.mark.parametrize("capability, auto_is_bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
@@ -52,8 +54,9 @@ def test_auto_on_a_gpu_needs_native_bf16(monkeypatch, capability, auto_is_bf16):
     """V100 (7.0) and T4 (7.5) report bf16 support through emulation; only Ampere (8.0) and newer compute in it."""
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(precision, "measure_matmul_rates", _must_not_measure)
     gpu = torch.device("cuda", 3)
-    chosen = decide("auto", gpu, measure=_must_not_measure)
+    chosen = decide("auto", gpu)
     assert chosen.bf16 is auto_is_bf16 and chosen.basis == "gpu capability {}.{}".format(*capability)
     assert asked == [gpu]  # the rank's own GPU, not device 0
 
@@ -79,7 +82,8 @@ DISAGREEING = {"bf16": [(3.0e12, 1.0e12), (1.5e12, 1.0e12)], "fp32": [(1.5e12, 1
 def _follow_rank_0(rank: int, world_size: int) -> None:
     for expected, rates in DISAGREEING.items():
         measured = []
-        chosen = choose_precision("auto", CPU, rank, measure=lambda device: measured.append(device) or rates[rank])
+        precision.measure_matmul_rates = lambda device: measured.append(device) or rates[rank]
+        chosen = choose_precision("auto", CPU, rank)
         assert chosen == Precision(expected == "bf16", "measured matmul peaks", rates[0]), (rank, chosen)
         assert measured == ([CPU] if rank == 0 else []), rank  # only rank 0 measures
 

@@ -9,7 +9,7 @@ threshold, and DeepSpeed hangs or fails when ranks build their engines in differ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,23 +74,22 @@ def measure_matmul_rates(device: torch.device) -> MatmulRates:
     return bf16, fp32
 
 
-def decide(precision: str, device: torch.device, measure: Callable[[torch.device], MatmulRates] = measure_matmul_rates) -> Precision:
+def decide(precision: str, device: torch.device) -> Precision:
     """This process's reading of ``train.precision`` on ``device`` (under 'auto' only rank 0's counts: ``choose_precision``)."""
     if precision != "auto":
         return Precision(precision == "bf16", "train.precision")
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         return Precision(capability >= NATIVE_BF16_CAPABILITY, "gpu capability {}.{}".format(*capability))
-    rates = measure(device)
+    rates = measure_matmul_rates(device)
     return Precision(cpu_prefers_bf16(rates), "measured matmul peaks", rates)
 
 
-def choose_precision(precision: str, device: torch.device, rank: int,
-                     measure: Callable[[torch.device], MatmulRates] = measure_matmul_rates) -> Precision:
+def choose_precision(precision: str, device: torch.device, rank: int) -> Precision:
     """Every rank's precision for the stage; under 'auto' rank 0's decision, broadcast over the default group
     (a collective: every rank calls it, before building its engine)."""
     if precision != "auto":
         return decide(precision, device)
-    chosen = [decide(precision, device, measure) if rank == 0 else None]
+    chosen = [decide(precision, device) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
