@@ -66,7 +66,7 @@ def _train(run_dir: Path) -> None:
 
 
 def _rank_0_measures(rank: int, rates):
-    def measure(device: torch.device):
+    def measure(device: torch.device, width: int):
         assert rank == 0, f"rank {rank} measured matmul rates; only rank 0 decides"
         return rates
 

@@ -144,7 +144,7 @@ class StageTrainer:
         # bytes per logged step) so a resume can hand the driver those it never received.
         self.history: List[Dict] = []
         self.phases.mark("process_group")
-        self.precision = choose_precision(self.cfg.train.precision, self.ctx.device, self.ctx.rank)
+        self.precision = choose_precision(self.cfg.train.precision, self.ctx.device, self.ctx.rank, self.cfg.model.d_model)
         self.bf16 = self.precision.bf16
         self.phases.mark("precision")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
