@@ -1,6 +1,6 @@
 """Tokens/s of one worker in bf16 against fp32 on this CPU, and the matmul peaks ``train.precision=auto`` compares.
 
-    .venv/bin/python benchmarks/bf16_cpu.py [--steps 20] [--out bench-out]
+    .venv/bin/python benchmarks/bf16_cpu.py [--steps 20] [--rows issue12:1 issue12:2 tiny:1] [--out bench-out]
 
 One Ray Train worker trains each shape twice on one embedded cluster, fp32 then bf16 (which DeepSpeed runs as its
 BF16_Optimizer: fp32 masters, gradients accumulated in fp32), ZeRO-0:
@@ -32,22 +32,24 @@ SHAPES = {
     "tiny": [f"model.d_model={WIDTHS['tiny']}", "model.n_layer=4", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=128",
              "model.vocab_size=2048"],
 }
-ROWS = [("issue12", 1), ("issue12", 2), ("tiny", 1)]  # (shape, threads of the one worker)
+ROWS = ["issue12:1", "issue12:2", "tiny:1"]  # shape:threads of the one worker
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, help="which rows (default: all; one at a time fits a short quiet spell)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    rows = [(shape, int(threads)) for shape, threads in (row.split(":") for row in args.rows)]
 
     from raylm.cluster.connect import start_or_connect
     from raylm.trainer.precision import decide
 
-    info = start_or_connect(None, local_cpus=max(threads for _, threads in ROWS))
+    info = start_or_connect(None, local_cpus=max(threads for _, threads in rows))
     root = Path(tempfile.mkdtemp(prefix="raylm-bf16-"))
     result: dict = {"cpu": cpu_model(), "steps": args.steps, "rows": []}
-    for shape, threads in ROWS:
+    for shape, threads in rows:
         torch.set_num_threads(threads)
         auto = decide("auto", torch.device("cpu"), WIDTHS[shape]).record()
         stages = {}
