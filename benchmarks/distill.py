@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from common import run_on_ray, write_result
+from common import cpu_model, run_on_ray, write_result
 
 COMMON = [
     "train.global_batch_size=16", "parallel.micro_batch_size=4", "parallel.zero_stage=2", "cluster.num_workers=2",
@@ -89,12 +87,10 @@ def main() -> None:
     for row, summary in ((teacher, teacher_summary), (distilled, distilled_summary), (baseline, baseline_summary)):
         row.update(steps=summary["steps"], tokens_per_s=summary["tokens_per_s"], final_loss=summary["final_loss"])
     distilled.update(kl=distilled_summary["distill"]["kl"], ce=distilled_summary["distill"]["ce"])
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.processor())
     result = {
         "teacher": teacher, "distilled": distilled, "baseline": baseline, "gap_closed": closed,
         "temperature": args.temperature, "alpha": args.alpha, "teacher_steps": args.teacher_steps, "steps": args.steps,
-        "cpu": model_name, "cores": os.cpu_count(), "seconds": round(time.perf_counter() - began, 1),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "seconds": round(time.perf_counter() - began, 1),
     }
     print(f"held-out perplexity: teacher {teacher['perplexity']:.2f} ({teacher['params']:,} params, {args.teacher_steps} steps), "
           f"distilled student {distilled['perplexity']:.2f}, student without teacher {baseline['perplexity']:.2f} "

@@ -1,19 +1,20 @@
-"""Fail any collective handed a tensor off the process group's device.
+"""See every tensor a collective is handed; fail any off the process group's device.
 
 NCCL refuses CPU tensors, so on GPUs every collective's tensors must live on
 the rank's device; gloo takes anything, so a CPU test would never notice. In
-a test process, ``tensors_on(device)`` wraps every torch.distributed
-collective (the public names, which DeepSpeed calls too, and the same names
-inside ``distributed_c10d``, which object collectives use) and raises on a
-tensor anywhere else, naming the collective, its group and the device.
-On CPU the check has teeth wherever a weight was released to ``meta``.
+a test process, ``watching(see)`` wraps every torch.distributed collective
+(the public names, which DeepSpeed calls too, and the same names inside
+``distributed_c10d``, which object collectives use) and shows ``see`` each
+tensor first; ``tensors_on(device)`` raises on a tensor anywhere else, naming
+the collective, its group and the device. On CPU that check has teeth
+wherever a weight was released to ``meta``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,31 +39,41 @@ def _tensors(value) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _checked(name: str, collective, device: torch.device):
+def _watched(name: str, collective, see: Callable[[str, torch.Tensor, Optional[dist.ProcessGroup]], None]):
     @functools.wraps(collective)
-    def check(*args, **kwargs):
+    def call(*args, **kwargs):
         for tensor in _tensors([*args, *kwargs.values()]):
-            if tensor.device != device:
-                group = kwargs.get("group")
-                ranks = dist.get_process_group_ranks(group) if group is not None else "default"
-                raise OffDeviceTensor(f"{name} over group {ranks} got a {tuple(tensor.shape)} tensor on {tensor.device}; "
-                                      f"the group's device is {device}")
+            see(name, tensor, kwargs.get("group"))
         return collective(*args, **kwargs)
 
-    return check
+    return call
 
 
 @contextlib.contextmanager
-def tensors_on(device: torch.device):
-    """Within the block, every collective's tensors must be on ``device``."""
+def watching(see: Callable[[str, torch.Tensor, Optional[dist.ProcessGroup]], None]):
+    """Within the block, every collective first calls ``see(name, tensor, group)`` on each tensor it is handed
+    (``group`` None: the default group). DeepSpeed keeps references to some collectives from its
+    ``init_distributed`` on: enter the block before it runs, or those calls go unseen."""
     originals = []
     for module in (dist, c10d):
         for name in COLLECTIVES:
             if hasattr(module, name):
                 originals.append((module, name, getattr(module, name)))
-                setattr(module, name, _checked(name, getattr(module, name), device))
+                setattr(module, name, _watched(name, getattr(module, name), see))
     try:
         yield
     finally:
         for module, name, collective in originals:
             setattr(module, name, collective)
+
+
+def tensors_on(device: torch.device):
+    """Within the block, every collective's tensors must be on ``device``."""
+
+    def check(name: str, tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
+        if tensor.device != device:
+            ranks = dist.get_process_group_ranks(group) if group is not None else "default"
+            raise OffDeviceTensor(f"{name} over group {ranks} got a {tuple(tensor.shape)} tensor on {tensor.device}; "
+                                  f"the group's device is {device}")
+
+    return watching(check)

@@ -173,7 +173,8 @@ def spare_worker_run(ray_cluster, tmp_path_factory) -> Path:
 
 
 def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
-    """Same 5 losses and the same weight updates as ``reference``, within what reduction order explains.
+    """Same 5 losses and the same weight updates as ``reference``, within what reduction order explains
+    (and, where both trained in bf16, what bf16's rounding explains).
 
     Updates (final minus initial weights) are compared as a whole per tensor: Adam divides each gradient by
     its own running norm, so one element whose gradient is rounding noise may move by up to the learning
@@ -181,14 +182,18 @@ def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
     """
     from safetensors.torch import load_file
 
-    from numerics import training_rel
+    from numerics import bf16_training_rel, training_rel
     from raylm.configs.loader import from_yaml_file, resolve_stage
+    from raylm.trainer.run_dir import stage_summary
     from raylm.trainer.worker import build_dense_model
 
     cfg = resolve_stage(from_yaml_file(reference / "config.yaml"), 0)
     expected, got = losses(reference), losses(run_dir)
     assert len(got) == len(expected) == 5
-    rel = training_rel(cfg.model, cfg.train.global_batch_size * cfg.model.max_seq_len, len(expected))
+    precision = stage_summary(reference, "pretrain")["precision"]
+    assert stage_summary(run_dir, "pretrain")["precision"] == precision, f"{label} did not train in the reference's {precision}"
+    tokens = cfg.train.global_batch_size * cfg.model.max_seq_len
+    rel = bf16_training_rel(cfg.model, tokens) if precision == "bf16" else training_rel(cfg.model, tokens, len(expected))
     for step, (a, b) in enumerate(zip(expected, got), start=1):
         assert abs(a - b) <= rel * abs(a), f"step {step}: 1 worker {a} vs {label} {b} (tolerance {rel:.2g} relative)"
     initial = build_dense_model(cfg, None).state_dict()

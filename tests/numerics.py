@@ -63,3 +63,24 @@ def training_rel(cfg: ModelConfig, tokens_per_step: int, steps: int) -> float:
     """Relative difference two correct layouts may show after ``steps`` optimizer steps: each step's forward
     and backward is a chain of ``model_depth`` reductions, and a step starts from the previous one's weights."""
     return typical(longest_reduction(cfg, tokens_per_step), model_depth(cfg) * steps)
+
+
+def bf16_training_rel(cfg: ModelConfig, tokens_per_step: int) -> float:
+    """Relative difference a bf16 run may show at any step against another correct run of the same model on the
+    same batches: fp32, or bf16 in another layout.
+
+    bf16 matmuls (AMX, AVX-512 BF16, GPU tensor cores) multiply inputs with an 8-bit mantissa and add the
+    products in fp32. So each reduction's result carries the rounding of its inputs and of itself to bf16, about
+    eps(bf16) = 2^-7 relative whatever its length n, plus its fp32 sum's sqrt(n) * eps(fp32) (5e-6 at n = 2048:
+    the reduction sizes of a small model hardly matter next to the mantissa). Chained through the model as
+    ``typical`` chains them: one forward and backward's worth.
+
+    Unlike ``training_rel``, steps do not multiply it. Every step rounds the fp32 master weights to bf16 afresh,
+    so no rounding is carried into the next step's arithmetic; what carries over is the masters' drift, which
+    Adam's normalised updates keep within a learning rate per element per step, on the same batches. A bf16
+    run that drifts further (updates lost to bf16 rounding, gradients accumulated or reduced in bf16) shows up
+    as a difference growing beyond one step's rounding. Two bf16 layouts round the same values at the same
+    places except where a layout splits a reduction (a tensor-parallel partial sum rounded before the
+    all-reduce), so they differ by less than either differs from fp32.
+    """
+    return model_depth(cfg) * (eps(torch.bfloat16) + math.sqrt(longest_reduction(cfg, tokens_per_step)) * eps())

@@ -1,4 +1,4 @@
-"""Which device, precision and random state a rank uses, and the DeepSpeed precision settings that follow."""
+"""Which device and random state a rank uses, and the DeepSpeed settings bf16 brings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from gloo_spawn import run_on_gloo
 from raylm.configs.loader import load_config
-from raylm.trainer.device import rng_state, set_rng_state, torchrun_device, use_bf16
+from raylm.trainer.device import rng_state, set_rng_state, torchrun_device
 from raylm.parallelism.memory import estimate
 from raylm.parallelism.zero import deepspeed_config
 
@@ -36,18 +36,6 @@ def test_a_gpu_rank_state_resumes_on_a_cpu_rank():
     expected = _draws()
     set_rng_state(state, torch.device("cpu"))
     assert _draws() == expected
-
-
-@pytest.mark.parametrize("capability, auto_is_bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_auto_precision_needs_native_bf16(monkeypatch, capability, auto_is_bf16):
-    """V100 (7.0) and T4 (7.5) report bf16 support through emulation; only Ampere (8.0) and newer compute in it."""
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
-    gpu = torch.device("cuda", 3)
-    assert use_bf16("auto", gpu) is auto_is_bf16
-    assert asked == [gpu]  # the rank's own GPU, not device 0
-    assert use_bf16("bf16", gpu) and not use_bf16("fp32", gpu)
-    assert not use_bf16("auto", torch.device("cpu")) and use_bf16("bf16", torch.device("cpu"))
 
 
 def test_torchrun_device_is_the_cpu_without_gpus(monkeypatch):

@@ -99,7 +99,8 @@ class TrainConfig:
     keep_last: int = _f(2, "Complete checkpoints kept per stage.")
     precision: str = _f(
         "auto",
-        "'auto' (bf16 on GPUs with native bf16, compute capability >= 8.0; else fp32), 'fp32' (TF32 matmuls on GPUs) or 'bf16' "
+        "'auto' (bf16 on GPUs with native bf16, compute capability >= 8.0, and on CPUs whose bf16 matmul peak, measured by rank 0 "
+        "at stage start, is >= 2x fp32's; else fp32), 'fp32' (TF32 matmuls on GPUs) or 'bf16' "
         "(fp32 masters, gradients accumulated and reduced in fp32).",
     )
     sample_tokens: int = _f(48, "Tokens generated for the sample shown in the summary.")

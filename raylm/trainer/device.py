@@ -1,4 +1,4 @@
-"""Where a rank computes: its device, the process group on it, its precision and random state.
+"""Where a rank computes: its device, the process group on it, its fp32 matmul setting and random state.
 
 The launcher picks the device (Ray Train's ``get_device()`` under Ray, the GPU
 at LOCAL_RANK under torchrun) and passes it in; no Ray import here.
@@ -18,9 +18,6 @@ import torch
 import torch.distributed as dist
 
 from raylm.configs.schema import RunConfig
-
-NATIVE_BF16_CAPABILITY = (8, 0)
-"""Ampere and newer compute in bf16; V100 and T4 only emulate it (``torch.cuda.is_bf16_supported()`` says yes)."""
 
 
 @dataclass
@@ -104,13 +101,6 @@ def _compile_on_first_call(fn: Callable) -> Callable:
         return compiled[0](*args, **kwargs)
 
     return call
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether ``train.precision`` means bf16 on ``device``: 'auto' picks it on GPUs that compute in bf16 natively."""
-    if precision == "bf16":
-        return True
-    return precision == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
 
 
 def allow_tf32(device: torch.device) -> None:

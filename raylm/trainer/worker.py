@@ -25,11 +25,12 @@ from raylm.configs.schema import DistillConfig, LoraConfig, ModelConfig, RunConf
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, describe_files, read_state, write_manifest
-from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state, use_bf16
+from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
 from raylm.trainer.phases import Phases
+from raylm.trainer.precision import choose_precision
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
@@ -128,7 +129,6 @@ class StageTrainer:
         self.session = session_factory(self.stage_dir, self.cfg)
         self.ctx = init_distributed(self.cfg, device)
         self.is_logger = self.ctx.rank == 0
-        self.bf16 = use_bf16(self.cfg.train.precision, self.ctx.device)
         allow_tf32(self.ctx.device)
 
         # Rank 0 writes metrics.jsonl and the W&B run itself only where its launcher does not (torchrun).
@@ -144,6 +144,9 @@ class StageTrainer:
         # bytes per logged step) so a resume can hand the driver those it never received.
         self.history: List[Dict] = []
         self.phases.mark("process_group")
+        self.precision = choose_precision(self.cfg.train.precision, self.ctx.device, self.ctx.rank, self.cfg.model.d_model)
+        self.bf16 = self.precision.bf16
+        self.phases.mark("precision")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         self.phases.mark("data")
         self.labels: Optional[List[str]] = self.data.train.labels if self.stage.kind == "classify" else None
@@ -176,7 +179,7 @@ class StageTrainer:
         self.teacher_path = teacher_weights(run_dir, self.run, stage_index)
         self.distiller: Optional[Distiller] = None
         if self.teacher_path is not None:
-            teacher = load_teacher(self.teacher_path, self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+            teacher = load_teacher(self.teacher_path, self.ctx.device, self.precision.dtype)
             self.distiller = Distiller(teacher, self.stage.distill or DistillConfig())
             self.phases.mark("teacher")
         # The last step's distill loss parts (kl, ce), averaged like its loss; empty for other kinds.
@@ -431,7 +434,7 @@ class StageTrainer:
         t = self.cfg.train
         # Every rank measures, though only rank 0 reports: all at once, the cores are shared as in training.
         peak_tflops = self.cfg.logging.mfu_peak_tflops
-        peak = configured_peak(peak_tflops) if peak_tflops else measured_peak(self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+        peak = configured_peak(peak_tflops) if peak_tflops else measured_peak(self.ctx.device, self.precision.dtype)
         self.phases.mark("mfu_peak")
         self.resume()
         self.phases.mark("resume")
@@ -441,7 +444,7 @@ class StageTrainer:
         pg_timeout_s = max(group_timeout_s(g, self.ctx.device) for g in [dist.group.WORLD, *self.par.groups.groups()])
         self.log({"step": start_step, "kind": "start", "max_steps": t.max_steps, "world_size": self.ctx.world_size,
                   "tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
-                  "pg_timeout_s": pg_timeout_s, "entered": self.phases.began, "setup_s": self.phases.seconds})
+                  **self.precision.record(), "pg_timeout_s": pg_timeout_s, "entered": self.phases.began, "setup_s": self.phases.seconds})
         last = {"loss": math.nan, "eval_loss": math.nan, "tokens_per_s": 0.0, "mfu": 0.0}
         window_tokens, window_time = 0, 0.0
         train_time, train_tokens = 0.0, 0
@@ -501,7 +504,7 @@ class StageTrainer:
             scores: Dict = {}
             if self.labels is None:
                 sample = sample_text(full_state, self.cfg.model, self.data.tokenizer, self.stage.kind, self.cfg.train.sample_tokens,
-                                     self.ctx.device, torch.bfloat16 if self.bf16 else torch.float32)
+                                     self.ctx.device, self.precision.dtype)
             else:
                 report, sample = held_out_score(full_state, self.cfg.model, self.labels, self.data.val, self.data.tokenizer, self.ctx.device)
                 self.log({"step": self.state.step, "kind": "classify", **flat_counts(report), "confusion": report["confusion"]})
@@ -519,7 +522,7 @@ class StageTrainer:
                 "tokens_per_s": tokens_per_s, "mfu": mfu(self.flops_per_token, tokens_per_s, peak.flops, self.ctx.world_size),
                 **peak.summary(), "sample": sample, "final_dir": f"{where(self.run_dir)}/{self.stage.name}/{FINAL_DIR}",
                 "layout": {"tp": self.par.tp, "pp": self.par.pp, "dp": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage},
-                "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
+                **self.precision.record(), "trainable_params": trainable_params, "optimizer_state_mb": optimizer_state_mb,
                 "consumed_samples": self.state.consumed_samples, "consumed_by_source": self._consumed_by_source(),
             }
             (self.stage_dir / STAGE_SUMMARY).write_text(json.dumps(summary, indent=2))
