@@ -13,23 +13,22 @@ import ray.train
 
 from raylm import storage
 from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
-from raylm.trainer.session import newest_first_unique, prune_checkpoints
+from raylm.trainer.session import fresh_checkpoint_dir, newest_first_unique, prune_checkpoints
 from raylm.trainer.stored_checkpoints import fetch_stored, stored_steps, verify_stored
 
 
 class RaySession:
-    """Each rank stages its own files in a private temp dir and reports it.
+    """On a disk every rank sees, ranks write their files straight into the checkpoint directory in Ray Train's
+    storage (``<run>/<stage>/step_N``) and report it, Ray told not to upload it: each byte is written once.
 
-    Ray Train merges every worker's reported directory into one checkpoint
-    directory in the stage's storage (``<run>/<stage>/step_N``, on a disk or in
-    a bucket: the fit's directory is the run's, and the checkpoint's name
-    ``<stage>/step_N``); a rank that wrote nothing reports no checkpoint but still calls
+    On object storage each rank stages its own files in a private temp dir and reports it; Ray Train uploads every
+    worker's directory into one checkpoint directory in the bucket (the fit's directory is the run's, the
+    checkpoint's name ``<stage>/step_N``). A rank that wrote nothing reports no checkpoint but still calls
     ``report`` (it is a barrier). Rank 0's metrics records go to the driver's
     relay actor: the driver writes metrics.jsonl and owns the W&B run, so
     neither is lost with a worker.
     """
 
-    shared_staging = False
     owns_metrics = False
 
     def __init__(self, stage_dir: Path, keep_last: int, relay):
@@ -77,16 +76,25 @@ class RaySession:
         else:
             storage.push(run_dir, rel)
 
-    def staging_dir(self, step: int) -> Path:
+    def checkpoint_dir(self, step: int) -> Path:
+        if self.store is None:
+            return fresh_checkpoint_dir(self.stage_dir, step)
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
 
-    def commit(self, step: int, staging: Path, metrics: dict) -> None:
+    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+        if self.store is None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"{self.stage}/{step_dir_name(step)}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:
+            self._upload(step, directory, metrics)
+        if ray.train.get_context().get_world_rank() == 0:
+            self._prune()
+
+    def _upload(self, step: int, staging: Path, metrics: dict) -> None:
         has_files = any(staging.iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{self.stage}/{step_dir_name(step)}")
         shutil.rmtree(staging, ignore_errors=True)
-        if ray.train.get_context().get_world_rank() == 0:
-            self._prune()
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; every rank's files of this one are in storage once

@@ -27,13 +27,13 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from raylm.models.weights import Location, read_part
 from raylm.parallelism.apply import ParallelModel
 from raylm.parallelism.masters import full_local, inner_optimizer, link_fragments, set_full_local, trainable_by_name
 from raylm.parallelism.plan import split_dim_of
 from raylm.parallelism.reshard import gather_tp_tensor
+from raylm.written_files import WrittenFiles
 
 LAYOUT_FREE_DIR = "layout_free"
 OPTIMIZER_FILE = "optimizer.json"
@@ -48,8 +48,8 @@ def adam_step(engine) -> int:
     return steps.pop()
 
 
-def save_layout_free(engine, par: ParallelModel, out_dir: Path) -> None:
-    """Write this rank's part of ``layout_free/`` (only one rank per pipeline stage writes); a collective."""
+def save_layout_free(engine, par: ParallelModel, out_dir: Path, written: WrittenFiles) -> None:
+    """Write this rank's part of ``layout_free/`` through ``written`` (only one rank per pipeline stage writes); a collective."""
     groups = par.groups
     writer = groups.dp_rank == 0 and groups.tp_rank == 0
     link_fragments(engine)
@@ -61,11 +61,10 @@ def save_layout_free(engine, par: ParallelModel, out_dir: Path) -> None:
                 tensors[f"{key or PARAM}/{name}"] = dense.to("cpu", copy=True).contiguous()
     step = adam_step(engine)
     if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out_dir / f"stage_{groups.pp_rank:03d}.safetensors"), metadata={"format": "raylm-layout-free"})
+        written.save_safetensors(tensors, out_dir / f"stage_{groups.pp_rank:03d}.safetensors", metadata={"format": "raylm-layout-free"})
     if dist.get_rank() == 0:
         meta = {"adam_step": step, "scheduler": engine.lr_scheduler.state_dict()}
-        (out_dir / OPTIMIZER_FILE).write_text(json.dumps(meta, indent=1))
+        written.write_text(out_dir / OPTIMIZER_FILE, json.dumps(meta, indent=1))
 
 
 def layout_free_locations(src_dir: Path, kind: str = PARAM) -> Dict[str, Location]:
