@@ -80,6 +80,7 @@ def saved(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_manifest_holds_the_hashes_a_fresh_read_gives(saved, layout):
@@ -91,6 +92,7 @@ def test_the_manifest_holds_the_hashes_a_fresh_read_gives(saved, layout):
     assert verify(checkpoint) is None
 
 
+@pytest.mark.slow
 def test_saving_reads_no_checkpoint_file_back(saved):
     for rank in range(2):
         reads = json.loads((saved / f"reads_rank{rank}.json").read_text())
