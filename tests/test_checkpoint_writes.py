@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, read_metrics
-from gloo_spawn import run_on_gloo
+from gloo_spawn import run_on_gloo, train_stage_on_rank
 from raylm.configs.loader import load_config
-from raylm.trainer import run_dir as rundir
 from raylm.trainer.checkpoint import MANIFEST, RAY_SNAPSHOT, describe_files, manifest_files, step_dir_name, verify
-from raylm.trainer.session import LocalSession
-from raylm.trainer.worker import StageTrainer
 from raylm.written_files import WrittenFiles
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
@@ -62,14 +58,8 @@ def _train_recording_reads(rank: int, world_size: int, root: Path) -> None:
 
     sys.addaudithook(note_reads)  # this process is the test's own: the hook goes with it
     for name, layout in LAYOUTS.items():
-        run = load_config("tiny", [*TINY_PRETRAIN, "cluster.num_workers=2", "train.max_steps=2", "train.ckpt_every=2", *layout])
-        run_dir = root / name
-        if rank == 0:
-            run.name = name
-            run_dir.mkdir()
-            rundir.save_config(run_dir, run)
-        dist.barrier()
-        StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), torch.device("cpu")).run_loop()
+        train_stage_on_rank(root / name, load_config("tiny", [*TINY_PRETRAIN, "cluster.num_workers=2", "train.max_steps=2",
+                                                              "train.ckpt_every=2", *layout]), rank)
     (root / f"reads_rank{rank}.json").write_text(json.dumps(reads))
 
 
