@@ -97,8 +97,8 @@ def test_a_ray_run_on_a_disk_writes_each_checkpoint_once_in_place(tp2pp2_run):
     saves = [r for r in read_metrics(tp2pp2_run, kind="event") if r.get("event") == "checkpoint"]
     assert [r["step"] for r in saves] == [3, 5]
     assert [r["dir"] for r in saves] == [str(stage_dir / step_dir_name(r["step"])) for r in saves]
-    snapshot = json.loads((stage_dir / RAY_SNAPSHOT).read_text())
-    assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == ["step_0000003", "step_0000005"]
+    snapshot = json.loads((tp2pp2_run / RAY_SNAPSHOT).read_text())  # the fit's directory is the run's
+    assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == ["pretrain/step_0000003", "pretrain/step_0000005"]
     for save in saves:
         checkpoint = Path(save["dir"])
         on_disk = {rel: described for rel, described in describe_files(checkpoint).items() if Path(rel).name not in RECOVERY_SCRIPTS}
