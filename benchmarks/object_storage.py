@@ -1,8 +1,9 @@
 """Runs in object storage against a local S3 server (moto's), in one run:
 
-1. Checkpoint save throughput (the run's own ``checkpoint`` events: DeepSpeed's
-   files written, reported and uploaded by Ray Train) against a raw
-   ``pyarrow.fs.copy_files`` upload of as many bytes to the same bucket.
+1. Checkpoint save throughput (the run's own ``checkpoint`` events: every
+   file written and hashed, uploaded by its rank, the manifest last, the
+   checkpoint reported to Ray Train) against a raw ``pyarrow.fs.copy_files``
+   upload of as many bytes to the same bucket.
 2. Checkpoint restore throughput after a SIGKILLed worker (the
    ``fetched_checkpoint`` events: each rank's own files, sha256-checked) against
    a raw ``copy_files`` download of the same checkpoint directory.

@@ -5,9 +5,10 @@
 2. SIGKILL one worker mid-run; time kill -> first step after the restart, and
    count the logged steps that had to be redone (work lost).
 3. Checkpoint save throughput (bytes of a complete checkpoint / seconds its
-   save took, from the run's own ``checkpoint`` events) against the raw
-   sequential write speed of the same disk (a file of the same size written and
-   fsynced in this process).
+   save took, from the run's own ``checkpoint`` events: every file written,
+   hashed and fsynced, the manifest committed, the checkpoint reported) against
+   the raw sequential write speed of the same disk (a file of the same size
+   written and fsynced in this process).
 
     .venv/bin/python benchmarks/recovery.py [--out DIR]
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -33,3 +34,18 @@ def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     ``fn`` must be a module-level function (the ranks are fresh interpreters).
     """
     mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:
+    """One stage of ``run`` on this gloo rank, checkpoints straight into ``run_dir`` (as torchrun does); rank 0 writes
+    the run's config first. DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE from the environment."""
+    from raylm.trainer import run_dir as rundir
+    from raylm.trainer.session import LocalSession
+    from raylm.trainer.worker import StageTrainer
+
+    if rank == 0:
+        run.name = run_dir.name
+        run_dir.mkdir()
+        rundir.save_config(run_dir, run)
+    dist.barrier()
+    StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), torch.device("cpu")).run_loop()

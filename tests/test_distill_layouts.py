@@ -8,16 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
 
 from conftest import TINY_SETTINGS, finished_run, losses, read_metrics
-from gloo_spawn import run_on_gloo
+from gloo_spawn import run_on_gloo, train_stage_on_rank
 from numerics import training_rel
 from raylm.configs.loader import load_config, resolve_stage
-from raylm.trainer import run_dir as rundir
-from raylm.trainer.session import LocalSession
-from raylm.trainer.worker import StageTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +30,7 @@ def _overrides(teacher: Path) -> list:
 def _train_each_layout(rank: int, world_size: int, tmp: Path, teacher: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     for name, layout in LAYOUTS.items():
-        run = load_config("tiny", [*_overrides(teacher), *layout])
-        run_dir = tmp / name
-        if rank == 0:
-            run.name = name
-            run_dir.mkdir()
-            rundir.save_config(run_dir, run)
-        dist.barrier()
-        StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), torch.device("cpu")).run_loop()
+        train_stage_on_rank(tmp / name, load_config("tiny", [*_overrides(teacher), *layout]), rank)
 
 
 @pytest.fixture(scope="module")

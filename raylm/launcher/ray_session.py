@@ -3,6 +3,7 @@ through the driver's relay, and on a run in object storage everything else throu
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -10,26 +11,24 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import ray.train
+import torch.distributed as dist
 
 from raylm import storage
 from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
-from raylm.trainer.session import newest_first_unique, prune_checkpoints
+from raylm.trainer.session import fresh_checkpoint_dir, newest_first_unique, prune_checkpoints
 from raylm.trainer.stored_checkpoints import fetch_stored, stored_steps, verify_stored
 
 
 class RaySession:
-    """Each rank stages its own files in a private temp dir and reports it.
+    """On a disk every rank sees, ranks write their files straight into the checkpoint directory in Ray Train's
+    storage (``<run>/<stage>/step_N``) and report it, Ray told not to upload it: each byte is written once.
 
-    Ray Train merges every worker's reported directory into one checkpoint
-    directory in the stage's storage (``<run>/<stage>/step_N``, on a disk or in
-    a bucket: the fit's directory is the run's, and the checkpoint's name
-    ``<stage>/step_N``); a rank that wrote nothing reports no checkpoint but still calls
-    ``report`` (it is a barrier). Rank 0's metrics records go to the driver's
-    relay actor: the driver writes metrics.jsonl and owns the W&B run, so
-    neither is lost with a worker.
+    On object storage each rank writes its own files into a private temp dir and uploads them into the bucket's
+    checkpoint directory, rank 0's manifest last; every rank then reports that directory. Rank 0's metrics records
+    go to the driver's relay actor: the driver writes metrics.jsonl and owns the W&B run, so neither is lost with a
+    worker.
     """
 
-    shared_staging = False
     owns_metrics = False
 
     def __init__(self, stage_dir: Path, keep_last: int, relay):
@@ -77,16 +76,38 @@ class RaySession:
         else:
             storage.push(run_dir, rel)
 
-    def staging_dir(self, step: int) -> Path:
+    def checkpoint_dir(self, step: int) -> Path:
+        if self.store is None:
+            return fresh_checkpoint_dir(self.stage_dir, step)
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
 
-    def commit(self, step: int, staging: Path, metrics: dict) -> None:
-        has_files = any(staging.iterdir())
-        checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if has_files else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{self.stage}/{step_dir_name(step)}")
-        shutil.rmtree(staging, ignore_errors=True)
+    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+        """Register the checkpoint where it already lies, Ray told not to copy it: on a disk the ranks wrote it in
+        place; to a bucket they upload it themselves first (``_upload``)."""
+        rel = f"{self.stage}/{step_dir_name(step)}"  # the fit's directory is the run's
+        if self.store is None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        else:
+            self._upload(directory, rel)
+            checkpoint = ray.train.Checkpoint(path=self.store.path(rel), filesystem=self.store.fs)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=rel, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
         if ray.train.get_context().get_world_rank() == 0:
             self._prune()
+
+    def _upload(self, staging: Path, rel: str) -> None:
+        """Every rank's files into ``rel`` of the bucket, then (after a barrier) rank 0's manifest: the checkpoint
+        never looks complete before it is. Files go up in parallel, where Ray's own upload sends one file, one
+        part at a time (its guard against an Arrow deadlock fixed in Arrow 19)."""
+        held = staging.with_name(f"{staging.name}-{MANIFEST}")
+        if (staging / MANIFEST).is_file():
+            os.replace(staging / MANIFEST, held)
+        if any(staging.iterdir()):
+            self.store.upload(staging, rel)
+        dist.barrier()
+        if held.is_file():
+            self.store.upload(held, f"{rel}/{MANIFEST}")
+            held.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; every rank's files of this one are in storage once

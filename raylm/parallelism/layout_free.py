@@ -5,11 +5,14 @@ the layout that wrote them can read (ZeRO-1/2 refuse another data-parallel
 size; tensor and pipeline shards are ours). Next to it every checkpoint gets a
 ``layout_free/`` directory:
 
-- ``stage_PPP.safetensors``, one per pipeline stage, written by that stage's
-  (dp 0, tp 0) rank: ``param/<name>``, ``exp_avg/<name>`` and
-  ``exp_avg_sq/<name>`` for every trainable weight, gathered over ZeRO's
-  data-parallel partitions and the tensor-parallel shards, under the dense
-  raylm names (a tied output head is stored once, as the embedding);
+- ``stage_PPP_param.safetensors``, ``stage_PPP_exp_avg.safetensors`` and
+  ``stage_PPP_exp_avg_sq.safetensors`` for each pipeline stage, holding
+  ``param/<name>``, ``exp_avg/<name>`` and ``exp_avg_sq/<name>`` for every
+  trainable weight, gathered over ZeRO's data-parallel partitions and the
+  tensor-parallel shards, under the dense raylm names (a tied output head is
+  stored once, as the embedding); a reader finds each name in the files'
+  headers (checkpoints written before the split hold all three kinds in one
+  ``stage_PPP.safetensors``);
 - ``optimizer.json``: Adam's step count and the learning-rate scheduler state.
 
 Loading gives each rank its slice of the ``param/`` weights (they become the
@@ -27,13 +30,13 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from raylm.models.weights import Location, read_part
 from raylm.parallelism.apply import ParallelModel
-from raylm.parallelism.masters import full_local, inner_optimizer, link_fragments, set_full_local, trainable_by_name
+from raylm.parallelism.masters import full_locals, inner_optimizer, link_fragments, set_full_local, trainable_by_name
 from raylm.parallelism.plan import split_dim_of
 from raylm.parallelism.reshard import gather_tp_tensor
+from raylm.written_files import WrittenFiles
 
 LAYOUT_FREE_DIR = "layout_free"
 OPTIMIZER_FILE = "optimizer.json"
@@ -48,24 +51,30 @@ def adam_step(engine) -> int:
     return steps.pop()
 
 
-def save_layout_free(engine, par: ParallelModel, out_dir: Path) -> None:
-    """Write this rank's part of ``layout_free/`` (only one rank per pipeline stage writes); a collective."""
+def save_layout_free(engine, par: ParallelModel, out_dir: Path, written: WrittenFiles) -> None:
+    """Write this rank's part of ``layout_free/`` through ``written``; a collective.
+
+    Each kind (``param``, each Adam moment) of a pipeline stage is one file, written by one tensor-rank-0 rank of
+    that stage: the last data-parallel rank first, since dp rank 0 also writes DeepSpeed's model states, so that
+    the writing is spread over the ranks.
+    """
     groups = par.groups
-    writer = groups.dp_rank == 0 and groups.tp_rank == 0
     link_fragments(engine)
-    tensors: Dict[str, torch.Tensor] = {}
-    for name, param in trainable_by_name(par).items():
-        for key in (None, *ADAM_MOMENTS):
-            dense = gather_tp_tensor(full_local(engine, param, key).float(), name, groups.tp_group)
-            if writer:
-                tensors[f"{key or PARAM}/{name}"] = dense.to("cpu", copy=True).contiguous()
+    trainable = trainable_by_name(par)
+    mine: Dict[str, Dict[str, torch.Tensor]] = {}
+    for index, key in enumerate((None, *ADAM_MOMENTS)):
+        kind = key or PARAM
+        writer = groups.tp_rank == 0 and groups.dp_rank == (par.dp_size - 1 - index) % par.dp_size
+        for name, value in full_locals(engine, trainable, key).items():
+            dense = gather_tp_tensor(value.float(), name, groups.tp_group)
+            if writer:  # possibly the live tensor: written below, before the next step changes it
+                mine.setdefault(kind, {})[f"{kind}/{name}"] = dense.to("cpu")
     step = adam_step(engine)
-    if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out_dir / f"stage_{groups.pp_rank:03d}.safetensors"), metadata={"format": "raylm-layout-free"})
+    for kind, tensors in mine.items():
+        written.save_safetensors(tensors, out_dir / f"stage_{groups.pp_rank:03d}_{kind}.safetensors", metadata={"format": "raylm-layout-free"})
     if dist.get_rank() == 0:
         meta = {"adam_step": step, "scheduler": engine.lr_scheduler.state_dict()}
-        (out_dir / OPTIMIZER_FILE).write_text(json.dumps(meta, indent=1))
+        written.write_text(out_dir / OPTIMIZER_FILE, json.dumps(meta, indent=1))
 
 
 def layout_free_locations(src_dir: Path, kind: str = PARAM) -> Dict[str, Location]:

@@ -65,6 +65,34 @@ def full_local(engine, param: nn.Parameter, key: Optional[str]) -> torch.Tensor:
     return param.detach() if key is None else inner_optimizer(engine).state[param][key].detach()
 
 
+@torch.no_grad()
+def full_locals(engine, params: Dict[str, nn.Parameter], key: Optional[str]) -> StateDict:
+    """``full_local`` of many weights at once, by name; a collective over dp under ZeRO.
+
+    Under ZeRO-1/2 and DeepSpeed's bf16 optimizer each weight's fp32 value (or state ``key``) lies in fragments
+    across the data-parallel ranks; DeepSpeed assembles one weight per all-reduce. Here every rank copies its
+    fragments of all of them into one zeroed buffer per data-parallel group and sums it once: the same values,
+    one collective instead of one per weight.
+    """
+    fragmented = {name: param for name, param in params.items() if hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id")}
+    out = {name: full_local(engine, param, key) for name, param in params.items() if name not in fragmented}
+    by_group: Dict[int, list] = {}
+    for name, param in fragmented.items():
+        by_group.setdefault(id(param._dp_group), []).append((name, param))
+    for members in by_group.values():
+        sizes = [param.numel() for _, param in members]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=members[0][1].device)
+        parts = flat.split(sizes)
+        for (_, param), part in zip(members, parts):
+            mapping = param._hp_mapping
+            if mapping is not None:  # None: none of this weight lies in this rank's partition
+                address = mapping.lp_fragment_address
+                part.narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment(key))
+        dist.all_reduce(flat, group=members[0][1]._dp_group)
+        out.update({name: part.view_as(param) for (name, param), part in zip(members, parts)})
+    return {name: out[name] for name in params}
+
+
 def link_fragments(engine) -> None:
     """Point every weight at its fragment of the flat Adam state (ZeRO-1/2 and DeepSpeed's bf16 optimizer).
 
@@ -130,8 +158,8 @@ def consolidated_state_dict(engine, par: ParallelModel) -> StateDict:
     Each stage gathers only its own weights over its tensor-parallel group (on
     the engine's device), then the stages swap theirs as objects.
     """
-    stage = {name: gather_tp_tensor(full_local(engine, param, None).float(), name, par.groups.tp_group).to("cpu", copy=True)
-             for name, param in trainable_by_name(par).items()}
+    stage = {name: gather_tp_tensor(value.float(), name, par.groups.tp_group).to("cpu", copy=True)
+             for name, value in full_locals(engine, trainable_by_name(par), None).items()}
     if par.pp == 1:
         return stage
     parts: list = [None] * par.pp

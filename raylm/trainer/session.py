@@ -8,7 +8,6 @@ per-rank loop imports neither Ray nor a launcher.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional, Protocol
@@ -19,9 +18,6 @@ from raylm.trainer.checkpoint import MANIFEST, step_dir_name, step_dirs, verify
 
 
 class Session(Protocol):
-    shared_staging: bool
-    """True when every rank writes into one staging directory."""
-
     owns_metrics: bool
     """True when rank 0 itself writes metrics.jsonl and the W&B run; else ``record`` hands every record to the launcher."""
 
@@ -40,17 +36,33 @@ class Session(Protocol):
     def publish(self, run_dir: Path, rel: str) -> None:
         """Make ``run_dir/rel``, written by this rank, part of the run wherever it is stored."""
 
-    def staging_dir(self, step: int) -> Path:
-        """An empty directory this rank writes its part of checkpoint ``step`` into."""
+    def checkpoint_dir(self, step: int) -> Path:
+        """An empty directory this rank writes its part of checkpoint ``step`` into: the checkpoint itself where
+        every rank sees the stage's storage as a disk, a private one to upload from otherwise. Called on every rank."""
 
-    def commit(self, step: int, staging: Path, metrics: dict) -> None:
-        """Publish the checkpoint once every rank's files and the manifest are in ``staging``.
+    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+        """Publish the checkpoint once every rank's files are in its ``directory`` and the manifest in rank 0's.
 
         Called on every rank after a barrier.
         """
 
     def close(self, step: int) -> None:
         """Called on every rank once the stage's final weights and summary are written."""
+
+
+def fresh_checkpoint_dir(stage_dir: Path, step: int) -> Path:
+    """``<stage_dir>/step_N`` for every rank to write its files straight into (rank 0 commits the manifest last),
+    emptied of an earlier attempt at the same step: one without a manifest, or one that failed verification (a
+    complete one would have been resumed from). Its manifest goes first, so no partial state passes for complete.
+    A collective."""
+    directory = stage_dir / step_dir_name(step)
+    if dist.get_rank() == 0:
+        (directory / MANIFEST).unlink(missing_ok=True)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    dist.barrier()
+    return directory
 
 
 def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:
@@ -62,7 +74,6 @@ def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:
 class LocalSession:
     """Checkpoints straight into ``<stage_dir>/step_N`` on a shared filesystem."""
 
-    shared_staging = True
     owns_metrics = True
 
     def __init__(self, stage_dir: Path, keep_last: int):
@@ -84,21 +95,12 @@ class LocalSession:
     def publish(self, run_dir: Path, rel: str) -> None:
         pass
 
-    def staging_dir(self, step: int) -> Path:
-        staging = self.stage_dir / f".staging-{step_dir_name(step)}"
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        dist.barrier()
-        return staging
+    def checkpoint_dir(self, step: int) -> Path:
+        return fresh_checkpoint_dir(self.stage_dir, step)
 
-    def commit(self, step: int, staging: Path, metrics: dict) -> None:
+    def commit(self, step: int, directory: Path, metrics: dict) -> None:
         if dist.get_rank() == 0:
-            final = self.stage_dir / step_dir_name(step)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
             prune_checkpoints(self.stage_dir, self.keep_last)
-        dist.barrier()
 
     def close(self, step: int) -> None:
         pass

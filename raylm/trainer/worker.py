@@ -24,7 +24,9 @@ from raylm.configs.loader import dump_nested, from_yaml_file, resolve_stage
 from raylm.configs.schema import DistillConfig, LoraConfig, ModelConfig, RunConfig, StageConfig
 from raylm.errors import UserError
 from raylm.storage import where
-from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, describe_files, read_state, write_manifest
+from raylm.written_files import WrittenFiles
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, read_state, write_manifest
+from raylm.trainer.hashed_deepspeed import hashed_saves
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
@@ -331,27 +333,29 @@ class StageTrainer:
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
         began = time.perf_counter()
-        staging = self.session.staging_dir(self.state.step)
+        directory = self.session.checkpoint_dir(self.state.step)
+        # Every file is hashed as it is written: the manifest needs no second read of the checkpoint. (DeepSpeed also
+        # copies its recovery scripts, zero_to_fp32.py and the like, outside its checkpoint engine: no resume reads
+        # them, and the manifest does not list them.)
+        written = WrittenFiles(directory)
         # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
-        self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-        save_layout_free(self.engine, self.par, staging / LAYOUT_FREE_DIR)
-        torch.save(rng_state(self.ctx.device), staging / f"rng_rank{self.ctx.rank:05d}.pt")
+        with hashed_saves(self.engine, written):
+            self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        save_layout_free(self.engine, self.par, directory / LAYOUT_FREE_DIR, written)
+        written.torch_save(rng_state(self.ctx.device), directory / f"rng_rank{self.ctx.rank:05d}.pt")
         if self.is_logger:
-            (staging / RECORDS_FILE).write_text("".join(json.dumps(record) + "\n" for record in self.history))
-        dist.barrier()
-        if self.session.shared_staging:
-            files = describe_files(staging) if self.ctx.rank == 0 else {}
-        else:
-            gathered: list = [None] * self.ctx.world_size
-            dist.all_gather_object(gathered, describe_files(staging))
-            files = {k: v for part in gathered for k, v in part.items()}
+            written.write_text(directory / RECORDS_FILE, "".join(json.dumps(record) + "\n" for record in self.history))
+        written.sync()
+        gathered: list = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, written.files)
+        files = {rel: described for part in gathered for rel, described in part.items()}
         if self.ctx.rank == 0:
-            write_manifest(staging, replace(self.state, consumed_by_source=self._consumed_by_source()), files)
+            write_manifest(directory, replace(self.state, consumed_by_source=self._consumed_by_source()), files)
         dist.barrier()
-        self.session.commit(self.state.step, staging, {"step": self.state.step, **metrics})
+        self.session.commit(self.state.step, directory, {"step": self.state.step, **metrics})
         self.log({"step": self.state.step, "kind": "event", "event": "checkpoint", "seconds": time.perf_counter() - began,
-                  "bytes": sum(size for size, _ in files.values())})
+                  "bytes": sum(size for size, _ in files.values()), "dir": str(directory)})
 
     def _consumed_by_source(self) -> Dict[str, int]:
         return self.data.order.consumed_by_source(self.state.consumed_samples)
