@@ -1,14 +1,15 @@
-"""What the benchmarks share: the model, the single-stage overrides, one Ray run, result files."""
+"""What the benchmarks share: the model, the single-stage overrides, one Ray run, result files, timed raw baselines."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # Tiny but not trivial: d_model 256, 4 layers, GQA 8/4 heads, 256-token context.
 MODEL = ["model.d_model=256", "model.n_layer=4", "model.n_head=8", "model.n_kv_head=4", "model.max_seq_len=256", "model.vocab_size=2048"]
@@ -67,3 +68,14 @@ def torchrun_stage(run_dir: Path, overrides: List[str], workers: int, threads: i
     began = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
     return time.perf_counter() - began
+
+
+def median_rate(transfer: Callable[[int], None], size: int, probes: int = 3) -> float:
+    """Bytes/s of ``transfer(attempt)``, which moves ``size`` bytes: the median of ``probes`` timed attempts (a raw
+    baseline varies from one attempt to the next on a shared machine)."""
+    seconds = []
+    for attempt in range(probes):
+        began = time.perf_counter()
+        transfer(attempt)
+        seconds.append(time.perf_counter() - began)
+    return size / statistics.median(seconds)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import MODEL, write_result  # noqa: E402
+from common import cpu_model, MODEL, median_rate, write_result  # noqa: E402
 from object_store import new_bucket, s3_server  # noqa: E402  (the tests' S3 server)
 
 RUN = [
@@ -46,21 +46,20 @@ def _raw_upload(store, size: int) -> float:
         probe = Path(scratch) / "probe"
         probe.mkdir()
         (probe / "blob.bin").write_bytes(os.urandom(size))
-        began = time.perf_counter()
-        pyarrow.fs.copy_files(str(probe), store.path("raw-probe"), source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=store.fs, use_threads=True)
-        return size / (time.perf_counter() - began)
+        return median_rate(lambda attempt: pyarrow.fs.copy_files(
+            str(probe), store.path(f"raw-probe-{attempt}"), source_filesystem=pyarrow.fs.LocalFileSystem(),
+            destination_filesystem=store.fs, use_threads=True), size)
 
 
 def _raw_download(store, rel: str) -> float:
     import pyarrow.fs
 
-    size = sum(store.files(rel).values())
-    with tempfile.TemporaryDirectory() as scratch:
-        began = time.perf_counter()
-        pyarrow.fs.copy_files(store.path(rel), scratch, source_filesystem=store.fs, destination_filesystem=pyarrow.fs.LocalFileSystem(),
-                              use_threads=True)
-        return size / (time.perf_counter() - began)
+    def download(_attempt: int) -> None:
+        with tempfile.TemporaryDirectory() as scratch:
+            pyarrow.fs.copy_files(store.path(rel), scratch, source_filesystem=store.fs, destination_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  use_threads=True)
+
+    return median_rate(download, sum(store.files(rel).values()))
 
 
 def main() -> None:
@@ -116,6 +115,7 @@ def main() -> None:
             return sum(r["bytes"] for r in fetched if r["stage"] == stage and (r["time"] > restart["time"]) == after_restart)
 
         result = {
+            "cpu": cpu_model(),
             "checkpoint_mb": sum(r["bytes"] for r in saves) / len(saves) / 1e6,
             "checkpoint_save_mb_per_s": save_rate / 1e6,
             "raw_upload_mb_per_s": raw_up / 1e6,

@@ -8,7 +8,8 @@
    save took, from the run's own ``checkpoint`` events: every file written,
    hashed and fsynced, the manifest committed, the checkpoint reported) against
    the raw sequential write speed of the same disk (a file of the same size
-   written and fsynced in this process).
+   written and fsynced in this process, once the run's writes are flushed; the
+   median of three).
 
     .venv/bin/python benchmarks/recovery.py [--out DIR]
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import pretrain_overrides, write_result  # noqa: E402
+from common import cpu_model, median_rate, pretrain_overrides, write_result  # noqa: E402
 from faults import latest_step, signal_worker  # noqa: E402  (the tests' failure injectors)
 
 RUN = [*pretrain_overrides(40, workers=2, zero=2, log_every=1), "train.ckpt_every=10", "fault.max_failures=2"]
@@ -37,19 +38,22 @@ def records(run_dir: Path):
 
 
 def raw_write_speed(directory: Path, size: int) -> float:
+    """Bytes/s of a sequential write of ``size`` bytes, fsynced. The disk is made quiet first (``os.sync``), so a
+    probe times the disk, not the writeback of files the run left unsynced."""
     block = os.urandom(1 << 20)
     path = directory / "raw-write-probe.bin"
-    start = time.perf_counter()
-    with open(path, "wb") as handle:
-        written = 0
-        while written < size:
-            handle.write(block)
-            written += len(block)
-        handle.flush()
-        os.fsync(handle.fileno())
-    elapsed = time.perf_counter() - start
-    path.unlink()
-    return written / elapsed
+    size = -(-size // len(block)) * len(block)
+
+    def write(_attempt: int) -> None:
+        with open(path, "wb") as handle:
+            for _ in range(size // len(block)):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        path.unlink()
+
+    os.sync()
+    return median_rate(write, size)
 
 
 def main() -> None:
@@ -92,6 +96,7 @@ def main() -> None:
     save_seconds = sum(r["seconds"] for r in saves)
     raw = raw_write_speed(run_dir, max(save_bytes // len(saves), 1 << 20))
     result = {
+        "cpu": cpu_model(),
         "start_to_first_step_s": first_step - launched,
         "kill_to_first_step_after_restart_s": first_after - killed["time"],
         "recovery_over_cold_start": (first_after - killed["time"]) / (first_step - launched),
