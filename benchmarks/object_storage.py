@@ -34,7 +34,7 @@ from object_store import new_bucket, s3_server  # noqa: E402  (the tests' S3 ser
 RUN = [
     *MODEL, "train.max_steps=16", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=6", "train.global_batch_size=16",
     "train.sample_tokens=0", "parallel.micro_batch_size=4", "parallel.zero_stage=2", "cluster.num_workers=2", "fault.max_failures=2",
-    "logging.wandb.mode=disabled", "logging.progress=false",
+    "logging.wandb.mode=disabled", "logging.progress=false", "train.precision=fp32",  # as benchmarks/recovery.py
     "stages=[{name: pretrain, kind: pretrain}, {name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}, train: {max_steps: 4}}]",
 ]
 
