@@ -127,6 +127,33 @@ class Store:
         self.fs.delete_dir(self.path(rel))
 
 
+class Uploads:
+    """Files going up to ``store`` in the background, a few at a time."""
+
+    WORKERS = 4
+
+    def __init__(self, store: Store):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="raylm-upload")
+        self._started: Dict[str, object] = {}
+
+    def start(self, local: Path, rel: str) -> None:
+        self._started[rel] = self._pool.submit(self.store.upload, local, rel)
+
+    def started(self, rel: str) -> bool:
+        return rel in self._started
+
+    def wait(self) -> None:
+        """Return once every upload is done; the first failure raises."""
+        try:
+            for upload in self._started.values():
+                upload.result()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+
+
 def check_uri(uri: str, key: str = "runs_dir") -> None:
     """The scheme and the query of a store URI, without touching the network."""
     scheme = uri.partition("://")[0].lower()

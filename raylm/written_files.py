@@ -14,7 +14,7 @@ import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -47,11 +47,13 @@ class HashingWriter:
 
 
 class WrittenFiles:
-    """Size and sha256 of every file written through it, by path relative to ``root`` (posix)."""
+    """Size and sha256 of every file written through it, by path relative to ``root`` (posix); ``on_written`` gets
+    that path as soon as a file is complete."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, on_written: Callable[[str], None] = lambda rel: None):
         self.root = Path(root)
         self.files: Dict[str, Tuple[int, str]] = {}
+        self.on_written = on_written
 
     @contextmanager
     def open(self, path: Union[str, Path]) -> Iterator[HashingWriter]:
@@ -60,7 +62,9 @@ class WrittenFiles:
         with open(path, "wb") as handle:
             writer = HashingWriter(handle)
             yield writer
-        self.files[path.relative_to(self.root).as_posix()] = (writer.size, writer.hexdigest())
+        rel = path.relative_to(self.root).as_posix()
+        self.files[rel] = (writer.size, writer.hexdigest())
+        self.on_written(rel)
 
     def write_bytes(self, path: Union[str, Path], data: bytes) -> None:
         with self.open(path) as out:

@@ -24,7 +24,8 @@ RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 def test_written_files_record_what_a_fresh_read_finds(tmp_path):
-    written = WrittenFiles(tmp_path)
+    finished = []
+    written = WrittenFiles(tmp_path, on_written=lambda rel: finished.append((rel, (tmp_path / rel).stat().st_size)))
     state = {"weights": torch.randn(64, 32), "view": torch.arange(10)[2:7], "nested": [1, {"scalar": torch.tensor(3.5)}]}
     tensors = {"param/w": torch.randn(3, 4), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
                "half": torch.randn(5).bfloat16(), "index": torch.arange(7), "mask": torch.tensor([True, False])}
@@ -34,6 +35,8 @@ def test_written_files_record_what_a_fresh_read_finds(tmp_path):
     written.sync()
 
     assert written.files == describe_files(tmp_path)
+    # Each file is announced once it is whole (a session may upload it at once).
+    assert finished == [(rel, size) for rel, (size, _) in written.files.items()]
     loaded = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     assert torch.equal(loaded["weights"], state["weights"]) and torch.equal(loaded["view"], state["view"])
     back = load_file(str(tmp_path / "b" / "tensors.safetensors"))

@@ -3,7 +3,6 @@ through the driver's relay, and on a run in object storage everything else throu
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -23,10 +22,10 @@ class RaySession:
     """On a disk every rank sees, ranks write their files straight into the checkpoint directory in Ray Train's
     storage (``<run>/<stage>/step_N``) and report it, Ray told not to upload it: each byte is written once.
 
-    On object storage each rank writes its own files into a private temp dir and uploads them into the bucket's
-    checkpoint directory, rank 0's manifest last; every rank then reports that directory. Rank 0's metrics records
-    go to the driver's relay actor: the driver writes metrics.jsonl and owns the W&B run, so neither is lost with a
-    worker.
+    On object storage each rank writes its own files into a private temp dir and uploads each into the bucket's
+    checkpoint directory as soon as it is complete, rank 0's manifest last; every rank then reports that
+    directory. Rank 0's metrics records go to the driver's relay actor: the driver writes metrics.jsonl and owns
+    the W&B run, so neither is lost with a worker.
     """
 
     owns_metrics = False
@@ -37,6 +36,9 @@ class RaySession:
         self.relay = relay
         self.store: Optional[storage.Store] = storage.store_of(stage_dir.parent)
         self.stage = stage_dir.name
+        self._uploads: Optional[storage.Uploads] = None
+        self._uploading_to = ""
+        """Where the files of the checkpoint being written go in the bucket."""
 
     def record(self, record: dict) -> None:
         self.relay.put.remote(record)  # in order, without waiting: actor calls from one caller run in sequence
@@ -79,7 +81,14 @@ class RaySession:
     def checkpoint_dir(self, step: int) -> Path:
         if self.store is None:
             return fresh_checkpoint_dir(self.stage_dir, step)
+        self._uploads = storage.Uploads(self.store)
+        self._uploading_to = f"{self.stage}/{step_dir_name(step)}"
         return Path(tempfile.mkdtemp(prefix=f"raylm-{step_dir_name(step)}-"))
+
+    def written(self, directory: Path, rel: str) -> None:
+        """To a bucket, each file goes up as soon as it is complete, while the rank writes the next."""
+        if self.store is not None:
+            self._uploads.start(directory / rel, f"{self._uploading_to}/{rel}")
 
     def commit(self, step: int, directory: Path, metrics: dict) -> None:
         """Register the checkpoint where it already lies, Ray told not to copy it: on a disk the ranks wrote it in
@@ -96,17 +105,17 @@ class RaySession:
 
     def _upload(self, staging: Path, rel: str) -> None:
         """Every rank's files into ``rel`` of the bucket, then (after a barrier) rank 0's manifest: the checkpoint
-        never looks complete before it is. Files go up in parallel, where Ray's own upload sends one file, one
-        part at a time (its guard against an Arrow deadlock fixed in Arrow 19)."""
-        held = staging.with_name(f"{staging.name}-{MANIFEST}")
-        if (staging / MANIFEST).is_file():
-            os.replace(staging / MANIFEST, held)
-        if any(staging.iterdir()):
-            self.store.upload(staging, rel)
+        never looks complete before it is. Most files are on their way already (``written``); several go up at
+        once, where Ray's own upload sends one file, one part at a time (its guard against an Arrow deadlock fixed
+        in Arrow 19)."""
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
+            name = path.relative_to(staging).as_posix()
+            if not self._uploads.started(f"{rel}/{name}"):  # written outside raylm's writers: DeepSpeed's recovery scripts
+                self._uploads.start(path, f"{rel}/{name}")
+        self._uploads.wait()
         dist.barrier()
-        if held.is_file():
-            self.store.upload(held, f"{rel}/{MANIFEST}")
-            held.unlink()
+        if (staging / MANIFEST).is_file():
+            self.store.upload(staging / MANIFEST, f"{rel}/{MANIFEST}")
         shutil.rmtree(staging, ignore_errors=True)
 
     def _prune(self) -> None:

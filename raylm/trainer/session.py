@@ -40,6 +40,10 @@ class Session(Protocol):
         """An empty directory this rank writes its part of checkpoint ``step`` into: the checkpoint itself where
         every rank sees the stage's storage as a disk, a private one to upload from otherwise. Called on every rank."""
 
+    def written(self, directory: Path, rel: str) -> None:
+        """File ``rel`` of the checkpoint this rank writes into ``directory`` is complete (a session that uploads
+        the checkpoint may start with it while the rank writes the next)."""
+
     def commit(self, step: int, directory: Path, metrics: dict) -> None:
         """Publish the checkpoint once every rank's files are in its ``directory`` and the manifest in rank 0's.
 
@@ -97,6 +101,9 @@ class LocalSession:
 
     def checkpoint_dir(self, step: int) -> Path:
         return fresh_checkpoint_dir(self.stage_dir, step)
+
+    def written(self, directory: Path, rel: str) -> None:
+        pass
 
     def commit(self, step: int, directory: Path, metrics: dict) -> None:
         if dist.get_rank() == 0:

@@ -337,7 +337,7 @@ class StageTrainer:
         # Every file is hashed as it is written: the manifest needs no second read of the checkpoint. (DeepSpeed also
         # copies its recovery scripts, zero_to_fp32.py and the like, outside its checkpoint engine: no resume reads
         # them, and the manifest does not list them.)
-        written = WrittenFiles(directory)
+        written = WrittenFiles(directory, on_written=lambda rel: self.session.written(directory, rel))
         # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
         with hashed_saves(self.engine, written):
