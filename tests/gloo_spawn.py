@@ -40,12 +40,19 @@ def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:
     """One stage of ``run`` on this gloo rank, checkpoints straight into ``run_dir`` (as torchrun does); rank 0 writes
     the run's config first. DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE from the environment."""
     from raylm.trainer import run_dir as rundir
-    from raylm.trainer.session import LocalSession
-    from raylm.trainer.worker import StageTrainer
 
     if rank == 0:
         run.name = run_dir.name
         run_dir.mkdir()
         rundir.save_config(run_dir, run)
     dist.barrier()
+    train_saved_stage(run_dir)
+
+
+def train_saved_stage(run_dir: Path) -> None:
+    """The first stage of the run whose config is in ``run_dir`` on this gloo rank: from its last checkpoint, if
+    it has one (what a restart does)."""
+    from raylm.trainer.session import LocalSession
+    from raylm.trainer.worker import StageTrainer
+
     StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), torch.device("cpu")).run_loop()

@@ -17,18 +17,14 @@ import torch.distributed as dist
 
 from collective_devices import watching
 from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, TINY_SETTINGS, assert_same_training, forget_after, losses, read_metrics
-from gloo_spawn import run_on_gloo
+from gloo_spawn import run_on_gloo, train_saved_stage, train_stage_on_rank
 from numerics import bf16_training_rel
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.parallelism.topology import Topology
 from raylm.trainer import precision
-from raylm.trainer import run_dir as rundir
-from raylm.trainer.session import LocalSession
-from raylm.trainer.worker import StageTrainer
 
 pytestmark = pytest.mark.slow
 
-CPU = torch.device("cpu")
 STEPS = 60
 # The tiny preset at the suite's vocabulary and context (TINY_SETTINGS): 60 steps take its loss from 6.2 to about 4.7.
 LONG = [*TINY_SETTINGS, "stages=[{name: pretrain, kind: pretrain}]", f"train.max_steps={STEPS}", "cluster.num_workers=1",
@@ -52,19 +48,6 @@ REDUCTIONS = {"all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", 
 REDUCTIONS_FILE = "reductions_rank{}.json"
 
 
-def _new_run(rank: int, run_dir: Path, overrides: list) -> None:
-    if rank == 0:
-        run = load_config("tiny", overrides)
-        run.name = run_dir.name
-        run_dir.mkdir()
-        rundir.save_config(run_dir, run)
-    dist.barrier()
-
-
-def _train(run_dir: Path) -> None:
-    StageTrainer(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), CPU).run_loop()
-
-
 def _rank_0_measures(rank: int, rates):
     def measure(device: torch.device, width: int):
         assert rank == 0, f"rank {rank} measured matmul rates; only rank 0 decides"
@@ -76,17 +59,16 @@ def _rank_0_measures(rank: int, rates):
 def _train_on_one_rank(rank: int, world_size: int, root: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     for name, overrides in ONE_RANK.items():
-        _new_run(rank, root / name, overrides)
-        _train(root / name)
+        train_stage_on_rank(root / name, load_config("tiny", overrides), rank)
     # 'auto' decides again when a stage restarts: bf16 up to its checkpoint at step 3, then a restart that measures
     # bf16 at only 1.5x fp32 (another node, a busier one) goes on in fp32 from that checkpoint.
     flip = root / "flip"
-    _new_run(rank, flip, [*CHECKPOINT_AT_3, "cluster.num_workers=1", "parallel.zero_stage=0", "train.precision=auto"])
     precision.measure_matmul_rates = _rank_0_measures(rank, RANK_0_RATES)
-    _train(flip)
+    train_stage_on_rank(flip, load_config("tiny", [*CHECKPOINT_AT_3, "cluster.num_workers=1", "parallel.zero_stage=0",
+                                                   "train.precision=auto"]), rank)
     forget_after(flip, 3)
     precision.measure_matmul_rates = _rank_0_measures(rank, FLIPPED_RATES)
-    _train(flip)
+    train_saved_stage(flip)
 
 
 def _train_each_layout(rank: int, world_size: int, root: Path) -> None:
@@ -104,9 +86,9 @@ def _train_each_layout(rank: int, world_size: int, root: Path) -> None:
     with watching(see):
         for name, layout in LAYOUTS.items():
             run_dir = root / name
-            _new_run(rank, run_dir, [*TINY_PRETRAIN, f"cluster.num_workers={WORLD}", "train.precision=auto", *layout])
             seen.clear()
-            _train(run_dir)
+            run = load_config("tiny", [*TINY_PRETRAIN, f"cluster.num_workers={WORLD}", "train.precision=auto", *layout])
+            train_stage_on_rank(run_dir, run, rank)
             (run_dir / REDUCTIONS_FILE.format(rank)).write_text(json.dumps(seen))
 
 
