@@ -214,8 +214,15 @@ def view_of(store: Store) -> Path:
     view.mkdir(parents=True, exist_ok=True)
     marker = view / MARKER
     if not marker.is_file():
-        marker.write_text(store.uri)
+        _write_whole(marker, store.uri)  # the node's other ranks may read it at once: never an empty file
     return view
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part of it (a temporary file renamed over it)."""
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    scratch.write_text(text)
+    os.replace(scratch, path)
 
 
 def store_of(run_dir: Path) -> Optional[Store]:
@@ -296,9 +303,7 @@ def _local_contents(local: Path) -> Dict[str, list]:
         contents[name], seen[name] = [stat.st_size, digest], [*size_and_time, digest]
     if seen != earlier:
         record.parent.mkdir(parents=True, exist_ok=True)
-        scratch = record.with_suffix(f".{uuid.uuid4().hex}")
-        scratch.write_text(json.dumps(seen))
-        os.replace(scratch, record)
+        _write_whole(record, json.dumps(seen))
     return contents
 
 

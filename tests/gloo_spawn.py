@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,8 @@ def _free_port() -> int:
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)  # several ranks share the test machine's cores
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # what Ray Train exports, on loopback
+    # What Ray Train and torchrun export, on loopback; DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
@@ -38,7 +39,7 @@ def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
 
 def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:
     """One stage of ``run`` on this gloo rank, checkpoints straight into ``run_dir`` (as torchrun does); rank 0 writes
-    the run's config first. DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE from the environment."""
+    the run's config first."""
     from raylm.trainer import run_dir as rundir
 
     if rank == 0:
@@ -47,6 +48,15 @@ def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:
         rundir.save_config(run_dir, run)
     dist.barrier()
     train_saved_stage(run_dir)
+
+
+def train_runs(rank: int, world_size: int, root: Path, runs: Dict[str, List[str]]) -> None:
+    """Each of ``runs`` (name -> overrides of the tiny preset) trained in turn on this gloo rank, into ``root/name``:
+    the per-rank code Ray runs, without paying a worker group's start-up per run."""
+    from raylm.configs.loader import load_config
+
+    for name, overrides in runs.items():
+        train_stage_on_rank(root / name, load_config("tiny", overrides), rank)
 
 
 def train_saved_stage(run_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Every 3D layout on 4 Ray workers trains the same model as one worker."""
+"""Every 3D layout on 4 ranks trains the same model as one worker: tp2 x pp2 through Ray, the others on 4 gloo
+ranks (the per-rank code Ray runs, all layouts in one set of processes)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import pytest
 
 from conftest import TINY_PRETRAIN, assert_same_training, launch_in_process
+from gloo_spawn import run_on_gloo, train_runs
+from raylm.trainer.run_dir import stage_summary
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +21,18 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    run_on_gloo(train_runs, 4, root, {name: [*TINY_PRETRAIN, "cluster.num_workers=4", *layout] for name, layout in LAYOUTS.items()})
+    return root
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_one_worker(single_worker, tmp_path, name):
-    run_dir = launch_in_process(tmp_path, name, [*TINY_PRETRAIN, "cluster.num_workers=4", *LAYOUTS[name]])
+def test_layout_matches_one_worker(single_worker, layouts, name):
+    run_dir = layouts / name
     assert_same_training(single_worker, run_dir, name)
-    layout = json.loads((run_dir / "summary.json").read_text())["stages"][0]["layout"]
+    layout = stage_summary(run_dir, "pretrain")["layout"]
     tp = 2 if "tp2" in name else 1
     pp = 2 if "pp2" in name else 1
     assert layout["tp"] == tp and layout["pp"] == pp and layout["dp"] == 4 // (tp * pp)

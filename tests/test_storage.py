@@ -200,3 +200,36 @@ def test_a_rank_log_reaches_the_store_while_the_rank_works_and_a_restart_elsewhe
     (first / rel).write_text("attempt 1 step 1\nattempt 1 step 2 (never shipped)\nmore\n")
     continue_stored_log(first, rel)
     assert (first / rel).read_text().endswith("more\n")
+
+
+def _open_view_at_once(uri: str, cache_dir: str, start, errors) -> None:
+    """One rank of a node opening the run's view at the same moment as the node's other ranks."""
+    import os
+
+    from raylm import storage
+
+    os.environ["RAYLM_CACHE"] = cache_dir
+    store = storage.Store(uri)
+    start.wait()
+    try:
+        assert storage.store_of(storage.view_of(store)).uri == store.uri
+    except Exception as err:  # reported to the test, which names it
+        errors.put(repr(err))
+
+
+def test_ranks_opening_a_view_at_once_all_find_its_store(runs, tmp_path):
+    """Every rank of a node opens the run's view as it starts; none may read the marker while another writes it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for attempt in range(30):
+        start = context.Barrier(4)
+        ranks = [context.Process(target=_open_view_at_once, args=(runs, str(tmp_path / f"node{attempt}"), start, errors))
+                 for _ in range(4)]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join(timeout=60)
+            assert rank.exitcode == 0
+    assert errors.empty(), errors.get()
