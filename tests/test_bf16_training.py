@@ -8,7 +8,6 @@ machine's rounding: the CPU under the suite changes between sessions (AMX, AVX-5
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -57,7 +56,6 @@ def _rank_0_measures(rank: int, rates):
 
 
 def _train_on_one_rank(rank: int, world_size: int, root: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     for name, overrides in ONE_RANK.items():
         train_stage_on_rank(root / name, load_config("tiny", overrides), rank)
     # 'auto' decides again when a stage restarts: bf16 up to its checkpoint at step 3, then a restart that measures
@@ -73,7 +71,6 @@ def _train_on_one_rank(rank: int, world_size: int, root: Path) -> None:
 
 def _train_each_layout(rank: int, world_size: int, root: Path) -> None:
     """Every layout under 'auto' (rank 0 measuring RANK_0_RATES), each collective's reduced tensors recorded."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     precision.measure_matmul_rates = _rank_0_measures(rank, RANK_0_RATES)
     seen: list = []
 

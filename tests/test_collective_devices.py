@@ -8,7 +8,6 @@ consolidation once did, fails the check (on NCCL it failed for CPU tensors).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,6 @@ def test_the_check_refuses_a_tensor_off_the_device():
 
 
 def _train_checking_devices(rank: int, world_size: int, run_dir: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     with tensors_on(CPU):
         train_stage(run_dir, 0, lambda stage_dir, cfg: LocalSession(stage_dir, cfg.train.keep_last), CPU)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 
@@ -72,7 +71,6 @@ def _build_bf16_engines(rank: int, world_size: int) -> None:
 
     from raylm.trainer.device import _skip_deepspeed_start_up_work
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     _skip_deepspeed_start_up_work()
     deepspeed.init_distributed(dist_backend="gloo")
     for zero_stage, optimizer in BF16_OPTIMIZERS.items():

@@ -4,7 +4,6 @@ the student: ZeRO-3 (the student partitioned, the teacher whole on each rank) tr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ def _overrides(teacher: Path) -> list:
 
 
 def _train_each_layout(rank: int, world_size: int, tmp: Path, teacher: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     for name, layout in LAYOUTS.items():
         train_stage_on_rank(tmp / name, load_config("tiny", [*_overrides(teacher), *layout]), rank)
 

@@ -4,7 +4,6 @@ also with activation checkpointing, whose wrapper renames the parameters DeepSpe
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -50,7 +49,6 @@ def _train(run_dir: Path, overrides: list, rank: int) -> None:
 
 
 def _train_and_resume(rank: int, world_size: int, tmp: Path) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
     for name, layout in LAYOUTS.items():
         run_dir, resumed = tmp / name, tmp / f"{name}-resumed"
         _train(run_dir, layout, rank)
@@ -77,7 +75,6 @@ def _train_and_resume(rank: int, world_size: int, tmp: Path) -> None:
 
 def _resume_on_one_rank(rank: int, world_size: int, tmp: Path) -> None:
     """The 2-rank ZeRO-2 run's step 3 continued by one rank, as after an elastic shrink."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     shrunk = tmp / "zero2-on-one-rank"
     shutil.copytree(tmp / "zero2", shrunk)
     forget_after(shrunk, 3)
