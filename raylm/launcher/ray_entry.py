@@ -99,28 +99,27 @@ def _wait_out_the_stage(run_dir: Path, stage: str) -> None:
         ray.train.report({}, checkpoint=None)
 
 
-def _fetch_run_inputs(run_dir: Path, stage_index: int, relay) -> None:
+def _fetch_run_inputs(run_dir: Path, stage_index: int, stage: str, relay) -> None:
     """On a run in object storage: the config, tokenizer, the stage's data and the weights it starts from,
     into this machine's view of the run (each file once per machine, whatever the rank count or restarts)."""
     import ray
     import ray.train
 
     fetched = fetch_inputs(run_dir, stage_index)
-    stage = from_yaml_file(run_dir / CONFIG_FILE).stages[stage_index]
     rank = ray.train.get_context().get_world_rank()
     print(f"[raylm] run inputs ready on this machine; rank {rank} downloaded {fetched / 2**20:.1f} MiB of them", flush=True)
-    relay.put.remote({"stage": stage.name, "step": 0, "kind": "event", "event": "fetched", "rank": rank,
+    relay.put.remote({"stage": stage, "step": 0, "kind": "event", "event": "fetched", "rank": rank,
                       "node": ray.get_runtime_context().get_node_id(), "bytes": fetched})
 
 
-def _stages_to_run(run_dir: Path, indices: List[int]) -> List[int]:
+def _stages_to_run(run_dir: Path, run: RunConfig, indices: List[int]) -> List[int]:
     """The fit's stages not finished yet, as rank 0 sees them (every rank runs the same ones; after a restart
     the finished ones are skipped)."""
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
-    run = from_yaml_file(run_dir / CONFIG_FILE) if ray.train.get_context().get_world_rank() == 0 else None
-    todo = [i for i in indices if not rundir.stage_finished(run_dir, run.stages[i].name)] if run is not None else None
+    rank_0 = ray.train.get_context().get_world_rank() == 0
+    todo = [i for i in indices if not rundir.stage_finished(run_dir, run.stages[i].name)] if rank_0 else None
     return broadcast_from_rank_zero(todo)
 
 
@@ -134,29 +133,30 @@ def train_loop_per_worker(config: dict) -> None:
     run_dir = storage.view_of(storage.Store(config["run_uri"])) if config["run_uri"] else Path(config["run_dir"])
     if config["run_uri"]:
         storage.pull(run_dir, CONFIG_FILE)
+    run = from_yaml_file(run_dir / CONFIG_FILE)
     rank = ray.train.get_context().get_world_rank()
-    for index in _stages_to_run(run_dir, config["stage_indices"]):
+    for index in _stages_to_run(run_dir, run, config["stage_indices"]):
         phases = Phases()
-        stage = from_yaml_file(run_dir / CONFIG_FILE).stages[index].name
+        stage = run.stages[index].name
         log = log_rel(stage, rank)
         redirect_output(run_dir, log)
         print(f"[raylm] rank {rank} pid {os.getpid()} node {ray.get_runtime_context().get_node_id()}", flush=True)
         with LogShipper(run_dir, log):
-            _run_rank(config, run_dir, index, stage, phases)
+            _run_rank(config, run_dir, run, index, stage, phases)
         # The next stage makes its own default group: its layout may train another number of ranks.
         leave_distributed()
 
 
-def _run_rank(config: dict, run_dir: Path, index: int, stage: str, phases: Phases) -> None:
+def _run_rank(config: dict, run_dir: Path, run: RunConfig, index: int, stage: str, phases: Phases) -> None:
     import ray.train
     import ray.train.torch
 
     from raylm.trainer.worker import train_stage
 
     if config["run_uri"]:
-        _fetch_run_inputs(run_dir, index, config["relay"])
+        _fetch_run_inputs(run_dir, index, stage, config["relay"])
         phases.mark("fetch_inputs")
-    cfg = resolve_stage(from_yaml_file(run_dir / CONFIG_FILE), index)
+    cfg = resolve_stage(run, index)
     context = ray.train.get_context()
     rank, workers = context.get_world_rank(), context.get_world_size()
     os.environ.update(LOCAL_RANK=str(context.get_local_rank()), LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
