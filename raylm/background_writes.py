@@ -8,7 +8,8 @@ The ledger's ``files`` and its ``on_written`` calls come from the writer thread;
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
@@ -21,9 +22,11 @@ from raylm.written_files import WrittenFiles
 class BackgroundWrittenFiles(WrittenFiles):
     """Writes queue snapshots; ``sync`` queues the fsync after them; ``done``, ``wait`` and ``abandon`` end it."""
 
-    def __init__(self, root: Path, on_written: Callable[[str], None] = lambda rel: None):
+    def __init__(self, root: Path, writer: Executor, on_written: Callable[[str], None] = lambda rel: None):
+        """``writer`` runs the writes in the order they are queued: one thread (a rank's checkpoints share it, so
+        a save starts no thread)."""
         super().__init__(root, on_written)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="raylm-checkpoint-writer")
+        self._writer = writer
         self._queued: List[Future] = []
 
     def _queue(self, write: Callable, *args) -> None:
@@ -48,12 +51,11 @@ class BackgroundWrittenFiles(WrittenFiles):
 
     def wait(self) -> None:
         """Return once every queued write (and the sync) is done; the first failure raises."""
-        try:
-            for job in self._queued:
-                job.result()
-        finally:
-            self._writer.shutdown()
+        for job in self._queued:
+            job.result()
 
     def abandon(self) -> None:
         """Drop the writes not yet begun and wait for the one under way (none writes after this returns)."""
-        self._writer.shutdown(wait=True, cancel_futures=True)
+        for job in self._queued:
+            job.cancel()
+        futures.wait(self._queued)

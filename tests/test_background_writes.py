@@ -4,6 +4,7 @@ bytes the inline ledger writes, and its hashes are those of a fresh read."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from safetensors.torch import load_file
@@ -56,7 +57,7 @@ def test_background_writes_keep_the_values_they_were_given(tmp_path):
     # The writer finishes its first file, then waits in on_written (where a session starts an upload) until released:
     # every write queued after it is still to come when the tensors change.
     release = threading.Event()
-    background = BackgroundWrittenFiles(tmp_path / "background", on_written=lambda rel: release.wait(60))
+    background = BackgroundWrittenFiles(tmp_path / "background", ThreadPoolExecutor(1), lambda rel: release.wait(60))
     background.write_text(background.root / "first.txt", "held")
     _write_all(background, state, tensors)
     background.sync()
@@ -93,7 +94,7 @@ def test_a_snapshot_keeps_sharing_types_and_attributes():
 
 def test_abandoning_drops_the_writes_not_begun(tmp_path):
     release = threading.Event()
-    background = BackgroundWrittenFiles(tmp_path, on_written=lambda rel: release.wait(60))
+    background = BackgroundWrittenFiles(tmp_path, ThreadPoolExecutor(1), lambda rel: release.wait(60))
     background.write_text(tmp_path / "first.txt", "under way")
     background.write_text(tmp_path / "second.txt", "never begun")
     threading.Timer(1.0, release.set).start()  # the write under way ends after abandon has dropped the rest

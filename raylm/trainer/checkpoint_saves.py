@@ -11,7 +11,9 @@ leaves a directory without one, which a resume skips.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -47,6 +49,7 @@ class CheckpointSaves:
         self.device = device
         self.log = log
         self._pending: Optional[_Pending] = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="raylm-checkpoint-writer") if background else None
 
     def save(self, state: TrainerState, metrics: Dict, write_files: Callable[[WrittenFiles, Path], None]) -> None:
         """Checkpoint ``state`` (which the caller no longer changes): ``write_files(written, directory)`` writes
@@ -55,8 +58,8 @@ class CheckpointSaves:
         self.finish()
         began = time.perf_counter()
         directory = self.session.checkpoint_dir(state.step)
-        ledger = BackgroundWrittenFiles if self.background else WrittenFiles
-        written = ledger(directory, on_written=lambda rel: self.session.written(directory, rel))
+        on_written = partial(self.session.written, directory)
+        written = BackgroundWrittenFiles(directory, self._writer, on_written) if self.background else WrittenFiles(directory, on_written)
         write_files(written, directory)
         written.sync()
         self._pending = _Pending(directory, written, state, metrics, began, time.perf_counter() - began)
