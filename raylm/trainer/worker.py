@@ -427,7 +427,9 @@ class StageTrainer:
             try:
                 return self._run_loop()
             except BaseException:
-                self.saves.abandon()  # a checkpoint still being written never commits: no write outlives the failure
+                # A checkpoint still being written never commits, and none of its writes outlives the failure (one
+                # that never ends, on a stalled disk, holds this up until the watchdog ends the process).
+                self.saves.abandon()
                 raise
 
     def _run_loop(self) -> Dict:
