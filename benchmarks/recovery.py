@@ -10,6 +10,11 @@
    the raw sequential write speed of the same disk (a file of the same size
    written and fsynced in this process, once the run's writes are flushed; the
    median of three).
+4. The training stall of an asynchronous checkpoint (``train.async_checkpoint``): a
+   second run, the same but for that setting and the kill; the median of its
+   checkpoints' ``stall_s`` (training-thread seconds: the host snapshot and the
+   commit) over the median synchronous save of the first run. The checkpoint at
+   the last step is left out of both: there the stage waits for it to end.
 
     .venv/bin/python benchmarks/recovery.py [--out DIR]
 """
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -27,11 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import cpu_model, median_rate, pretrain_overrides, write_result  # noqa: E402
+from common import cpu_model, median_rate, pretrain_overrides, run_on_ray, write_result  # noqa: E402
 from faults import latest_step, signal_worker  # noqa: E402  (the tests' failure injectors)
 
 # fp32: 'auto' may pick bf16 on one run and not the next (it measures the CPU), and the checkpoint's size with it.
-RUN = [*pretrain_overrides(40, workers=2, zero=2, log_every=1), "train.ckpt_every=10", "fault.max_failures=2", "train.precision=fp32"]
+STEPS = 40
+RUN = [*pretrain_overrides(STEPS, workers=2, zero=2, log_every=1), "train.ckpt_every=10", "fault.max_failures=2", "train.precision=fp32"]
 
 
 def records(run_dir: Path):
@@ -55,6 +62,11 @@ def raw_write_speed(directory: Path, size: int) -> float:
 
     os.sync()
     return median_rate(write, size)
+
+
+def saves_before_the_end(run_dir: Path):
+    """The run's checkpoint events but the last step's (the stage waits for that one to finish)."""
+    return [r for r in records(run_dir) if r.get("event") == "checkpoint" and r["step"] < STEPS]
 
 
 def main() -> None:
@@ -96,6 +108,10 @@ def main() -> None:
     save_bytes = sum(r["bytes"] for r in saves)
     save_seconds = sum(r["seconds"] for r in saves)
     raw = raw_write_speed(run_dir, max(save_bytes // len(saves), 1 << 20))
+    run_on_ray(root, "async", [*RUN, "train.async_checkpoint=true"], info)
+    sync_save_s = statistics.median(r["seconds"] for r in saves_before_the_end(run_dir))
+    async_saves = saves_before_the_end(root / "async")
+    async_stall_s = statistics.median(r["stall_s"] for r in async_saves)
     result = {
         "cpu": cpu_model(),
         "start_to_first_step_s": first_step - launched,
@@ -108,6 +124,10 @@ def main() -> None:
         "checkpoint_save_mb_per_s": save_bytes / save_seconds / 1e6,
         "raw_sequential_write_mb_per_s": raw / 1e6,
         "save_over_raw_write": (save_bytes / save_seconds) / raw,
+        "sync_save_s": sync_save_s,
+        "async_stall_s": async_stall_s,
+        "async_save_to_commit_s": statistics.median(r["seconds"] for r in async_saves),
+        "async_stall_over_sync_save": async_stall_s / sync_save_s,
     }
     write_result(args.out, "recovery", result)
 

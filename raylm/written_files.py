@@ -105,3 +105,15 @@ class WrittenFiles:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
+
+    # A ledger that writes in the background (``raylm.background_writes``) finishes later; this one is done as
+    # soon as each call returns.
+    def done(self) -> bool:
+        """Whether every write and sync asked for is finished."""
+        return True
+
+    def wait(self) -> None:
+        """Return once every write and sync asked for is finished."""
+
+    def abandon(self) -> None:
+        """Stop writing: nothing is written after this returns."""

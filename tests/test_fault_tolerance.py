@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
 from faults import latest_step, signal_worker, wait_for, when_step_reached, worker_pids
-from raylm.trainer.checkpoint import read_state, step_dir_name, step_dirs, verify
+from raylm.trainer.checkpoint import MANIFEST, read_state, step_dir_name, step_dirs, verify
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,48 @@ def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterr
     assert re.search(r"no progress for \d+ s \(fault.hang_timeout_s=10\); exiting", logs)
     assert_bitwise_equal_to(uninterrupted, run_dir)
     # train.keep_last=2: the checkpoints each failed group left behind are gone too.
+    assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
+
+
+def _stall_a_checkpoint_write(run_dir: Path, steps, rank: int = 1) -> int:
+    """Make the last file ``rank`` writes of a checkpoint (its RNG state) a FIFO nobody reads, so that the rank's
+    background write of it never ends, like a write to a stalled disk; the first of ``steps`` whose file the test
+    gets to before the writer does. Returns that step."""
+    for step in steps:
+        target = run_dir / "pretrain" / step_dir_name(step) / f"rng_rank{rank:05d}.pt"
+        wait_for(lambda: target.parent.is_dir(), f"checkpoint {step}'s directory", poll_s=0.001)
+        try:
+            os.mkfifo(target)
+            return step
+        except FileExistsError:  # written already: try the next checkpoint
+            continue
+    raise AssertionError(f"rank {rank} wrote its RNG state of checkpoints {steps} before the test could stall it")
+
+
+def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoint(uninterrupted, tmp_path):
+    """With train.async_checkpoint, one rank's write of a checkpoint stalls while training goes on past it; that
+    rank is then SIGKILLed. The checkpoint never committed: the restart skips it, resumes from the one before, and
+    the run ends as the uninterrupted (synchronous) one did."""
+    run_dir = tmp_path / "async"
+    stalled: dict = {}
+
+    def stall_then_kill() -> None:
+        step = stalled["step"] = _stall_a_checkpoint_write(run_dir, (8, 12, 16))
+        wait_for(lambda: latest_step(run_dir) >= step + 2, f"training past the stalled checkpoint {step}")
+        stalled["committed"] = (run_dir / "pretrain" / step_dir_name(step) / MANIFEST).exists()
+        stalled["killed"] = signal_worker(run_dir / "pretrain", signal.SIGKILL)
+
+    injector = when_step_reached(run_dir, 1, stall_then_kill)
+    launch_in_process(tmp_path, "async", [*FAULTY, "train.async_checkpoint=true"])
+    injector.join(timeout=60)
+    assert injector.error is None, injector.error
+    assert stalled["killed"] is not None and not stalled["committed"], stalled
+    step = stalled["step"]
+    skipped = {event["path"]: event["reason"] for event in _events(run_dir, "skipped_checkpoint")}
+    assert skipped[str(run_dir / "pretrain" / step_dir_name(step))].startswith("no manifest"), skipped
+    assert [r["step"] for r in _events(run_dir, "restart")] == [step - 4]
+    assert all(r["async"] for r in _events(run_dir, "checkpoint"))
+    assert_bitwise_equal_to(uninterrupted, run_dir)
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
 

@@ -97,6 +97,12 @@ class TrainConfig:
     eval_batches: int = _f(4, "Micro-batches per rank in one evaluation.")
     ckpt_every: int = _f(30, "Checkpoint every this many steps and at the end; 0 never (the final weights are still saved).")
     keep_last: int = _f(2, "Complete checkpoints kept per stage.")
+    async_checkpoint: bool = _f(
+        False,
+        "Write checkpoints in the background: each rank copies its checkpoint state to host memory (one copy of it "
+        "more while a save is pending), training goes on, and the checkpoint commits at the first step by which every "
+        "rank's files are on disk.",
+    )
     precision: str = _f(
         "auto",
         "'auto' (bf16 on GPUs with native bf16, compute capability >= 8.0, and on CPUs whose bf16 matmul peak, measured by rank 0 "

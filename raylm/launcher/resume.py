@@ -25,6 +25,7 @@ SAFE_ON_RESUME = (
     "train.eval_batches",
     "train.ckpt_every",
     "train.keep_last",
+    "train.async_checkpoint",
     "train.sample_tokens",
     "logging.",
     "fault.",

@@ -25,7 +25,8 @@ from raylm.configs.schema import DistillConfig, LoraConfig, ModelConfig, RunConf
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.written_files import WrittenFiles
-from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, read_state, write_manifest
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, read_state
+from raylm.trainer.checkpoint_saves import CheckpointSaves
 from raylm.trainer.hashed_deepspeed import hashed_saves
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
@@ -156,6 +157,7 @@ class StageTrainer:
         self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
                                   self.cfg.parallel.zero_stage, self.bf16, asdict(self.lora) if self.lora is not None else None)
+        self.saves = CheckpointSaves(self.session, self.cfg.train.async_checkpoint, self.ctx.device, self.log)
         self.resume_from = self._choose_checkpoint()
         if self.resume_from is not None:
             self.session.fetch(self.resume_from, lambda rel: False)  # the manifest
@@ -332,12 +334,12 @@ class StageTrainer:
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: Dict) -> None:
-        began = time.perf_counter()
-        directory = self.session.checkpoint_dir(self.state.step)
-        # Every file is hashed as it is written: the manifest needs no second read of the checkpoint. (DeepSpeed also
-        # copies its recovery scripts, zero_to_fp32.py and the like, outside its checkpoint engine: no resume reads
-        # them, and the manifest does not list them.)
-        written = WrittenFiles(directory, on_written=lambda rel: self.session.written(directory, rel))
+        self.saves.save(replace(self.state, consumed_by_source=self._consumed_by_source()), metrics, self._write_checkpoint)
+
+    def _write_checkpoint(self, written: WrittenFiles, directory: Path) -> None:
+        """This rank's files of a checkpoint of the current step, each hashed as it is written: the manifest needs no
+        second read of the checkpoint. (DeepSpeed also copies its recovery scripts, zero_to_fp32.py and the like,
+        outside its checkpoint engine: no resume reads them, and the manifest does not list them.)"""
         # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
         with hashed_saves(self.engine, written):
@@ -346,16 +348,6 @@ class StageTrainer:
         written.torch_save(rng_state(self.ctx.device), directory / f"rng_rank{self.ctx.rank:05d}.pt")
         if self.is_logger:
             written.write_text(directory / RECORDS_FILE, "".join(json.dumps(record) + "\n" for record in self.history))
-        written.sync()
-        gathered: list = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, written.files)
-        files = {rel: described for part in gathered for rel, described in part.items()}
-        if self.ctx.rank == 0:
-            write_manifest(directory, replace(self.state, consumed_by_source=self._consumed_by_source()), files)
-        dist.barrier()
-        self.session.commit(self.state.step, directory, {"step": self.state.step, **metrics})
-        self.log({"step": self.state.step, "kind": "event", "event": "checkpoint", "seconds": time.perf_counter() - began,
-                  "bytes": sum(size for size, _ in files.values()), "dir": str(directory)})
 
     def _consumed_by_source(self) -> Dict[str, int]:
         return self.data.order.consumed_by_source(self.state.consumed_samples)
@@ -432,7 +424,13 @@ class StageTrainer:
 
     def run_loop(self) -> Dict:
         with self.watchdog:
-            return self._run_loop()
+            try:
+                return self._run_loop()
+            except BaseException:
+                # A checkpoint still being written never commits, and none of its writes outlives the failure (one
+                # that never ends, on a stalled disk, holds this up until the watchdog ends the process).
+                self.saves.abandon()
+                raise
 
     def _run_loop(self) -> Dict:
         t = self.cfg.train
@@ -464,6 +462,7 @@ class StageTrainer:
             last["loss"] = loss
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.state.step}; lower optim.lr or check the data")
+            self.saves.poll()
             if self._due(t.log_every):
                 tokens_per_s = window_tokens / window_time
                 last["tokens_per_s"] = tokens_per_s
@@ -482,6 +481,8 @@ class StageTrainer:
                 self.watchdog.beat()
                 self.checkpoint({"loss": loss})
                 self.watchdog.beat()
+        self.saves.finish()  # the stage ends with its last checkpoint committed
+        self.watchdog.beat()
         if start_step == t.max_steps and self.state.step == t.max_steps:
             last["eval_loss"] = self.evaluate()
         return self.finish(last, train_tokens / train_time if train_time else last["tokens_per_s"], peak)

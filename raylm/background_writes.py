@@ -1,0 +1,61 @@
+"""A ``WrittenFiles`` ledger that writes in the background: each writer takes a host snapshot of what it is given
+on the calling thread and leaves the writing, hashing and syncing to one writer thread, so the caller (the
+training loop) goes on while the bytes go out.
+
+The ledger's ``files`` and its ``on_written`` calls come from the writer thread; read ``files`` only once
+``wait`` returned.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from raylm.host_snapshot import host_snapshot
+from raylm.written_files import WrittenFiles
+
+
+class BackgroundWrittenFiles(WrittenFiles):
+    """Writes queue snapshots; ``sync`` queues the fsync after them; ``done``, ``wait`` and ``abandon`` end it."""
+
+    def __init__(self, root: Path, writer: Executor, on_written: Callable[[str], None] = lambda rel: None):
+        """``writer`` runs the writes in the order they are queued: one thread (a rank's checkpoints share it, so
+        a save starts no thread)."""
+        super().__init__(root, on_written)
+        self._writer = writer
+        self._queued: List[Future] = []
+
+    def _queue(self, write: Callable, *args) -> None:
+        self._queued.append(self._writer.submit(write, *args))
+
+    def write_bytes(self, path: Union[str, Path], data: bytes) -> None:
+        self._queue(super().write_bytes, path, bytes(data))
+
+    def torch_save(self, obj, path: Union[str, Path]) -> None:
+        self._queue(super().torch_save, host_snapshot(obj), path)
+
+    def save_safetensors(self, tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
+                         metadata: Optional[Dict[str, str]] = None) -> None:
+        self._queue(super().save_safetensors, host_snapshot(dict(tensors)), path, dict(metadata) if metadata else None)
+
+    def sync(self) -> None:
+        """Queue the fsync of every file after their writes; ``wait`` returns once it is done."""
+        self._queue(super().sync)
+
+    def done(self) -> bool:
+        return all(job.done() for job in self._queued)
+
+    def wait(self) -> None:
+        """Return once every queued write (and the sync) is done; the first failure raises."""
+        for job in self._queued:
+            job.result()
+
+    def abandon(self) -> None:
+        """Drop the writes not yet begun and wait for the one under way (none writes after this returns)."""
+        for job in self._queued:
+            job.cancel()
+        futures.wait(self._queued)
