@@ -35,6 +35,7 @@ SCHEMES = ("s3", "gs", "gcs")
 CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
 MARKER = ".raylm-storage"
 CONTENTS = ".contents.json"
+DOWNLOAD_CHUNK = 8 << 20
 """Beside a pushed tree: relative path -> [size, sha256] of each file, written after them."""
 
 
@@ -114,29 +115,46 @@ class Store:
 
     def download(self, rel: str, local: Path) -> int:
         """One file to ``local`` (via a temporary name, so a reader never sees half of it); its size."""
-        import pyarrow.fs
+        return self.download_hashed(rel, local)[0]
 
+    def download_hashed(self, rel: str, local: Path) -> Tuple[int, str]:
+        """``download``, the bytes hashed on their way to the file: (size, sha256), no second read to verify it."""
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
-        pyarrow.fs.copy_files(self.path(rel), str(partial), source_filesystem=self.fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(self.path(rel)) as source, open(partial, "wb") as out:
+            while chunk := source.read(DOWNLOAD_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
         os.replace(partial, local)
-        return local.stat().st_size
+        return size, digest.hexdigest()
 
     def delete_dir(self, rel: str) -> None:
         self.fs.delete_dir(self.path(rel))
 
 
+TRANSFERS = 4
+"""Files each process moves to or from a store at once (S3 serves one stream per request far below a link's rate)."""
+
+
+def download_many(store: Store, wanted: Dict[str, Path]) -> Dict[str, Tuple[int, str]]:
+    """Every file ``wanted`` names (store-relative path -> local path), ``TRANSFERS`` at a time; their (size, sha256)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(TRANSFERS, thread_name_prefix="raylm-download") as pool:
+        done = {rel: pool.submit(store.download_hashed, rel, local) for rel, local in wanted.items()}
+        return {rel: future.result() for rel, future in done.items()}
+
+
 class Uploads:
     """Files going up to ``store`` in the background, a few at a time."""
-
-    WORKERS = 4
 
     def __init__(self, store: Store):
         from concurrent.futures import ThreadPoolExecutor
 
         self.store = store
-        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="raylm-upload")
+        self._pool = ThreadPoolExecutor(TRANSFERS, thread_name_prefix="raylm-upload")
         self._started: Dict[str, object] = {}
 
     def start(self, local: Path, rel: str) -> None:
@@ -337,35 +355,44 @@ def fetch_tree(run_dir: Path, rel: str) -> int:
     if contents is None:
         raise UserError(f"{store.display(rel)} is missing or incomplete (no {CONTENTS}); the run's storage lost it, "
                         "start the stage again with 'raylm resume'")
-    fetched = 0
     blobs = cache_root() / "blobs"
+
+    def blob_of(sha256: str) -> Path:
+        """This machine's copy of a file, by its content."""
+        return blobs / sha256[:2] / sha256
+
     with _machine_lock("blobs"):  # one fetch at a time per machine: trees share blobs (a tokenizer in two of them)
+        missing: Dict[Path, str] = {}
         for name, (size, sha256) in contents.items():
-            blob = blobs / sha256[:2] / sha256
+            blob = blob_of(sha256)
             target = run_dir / rel / name
             if not blob.is_file() or blob.stat().st_size != size:
                 if target.is_file() and target.stat().st_size == size and sha256_of(target) == sha256:
                     blob.parent.mkdir(parents=True, exist_ok=True)
                     os.link(target, blob)  # the driver's own machine: it wrote the file itself
                 else:
-                    fetched += store.download(f"{rel}/{name}", blob)
+                    missing.setdefault(blob, f"{rel}/{name}")
+        downloaded = download_many(store, {name: blob for blob, name in missing.items()})
+        for blob, name in missing.items():
+            if downloaded[name][1] != blob.name:
+                blob.unlink()
+                raise RuntimeError(f"{store.display(name)} fails its sha256 check after download")
+        for name, (_, sha256) in contents.items():
+            blob = blob_of(sha256)
+            target = run_dir / rel / name
             if target.exists() and os.path.samefile(target, blob):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             target.unlink(missing_ok=True)
             os.link(blob, target)
-    return fetched
+    return sum(size for size, _ in downloaded.values())
 
 
-def fetch_files(store: Store, rel: str, local: Path, wanted: Callable[[str], bool], sizes: Dict[str, int]) -> Tuple[int, int]:
+def fetch_files(store: Store, rel: str, local: Path, wanted: Callable[[str], bool], sizes: Dict[str, int]) -> Dict[str, Tuple[int, str]]:
     """The files below ``rel`` that ``wanted`` picks, into ``local`` (kept when already there with the size
-    ``sizes`` gives); (files, bytes) downloaded."""
-    count = fetched = 0
+    ``sizes`` gives); name -> (size, sha256) of those this call downloaded."""
     with _machine_lock(store.uri + "/" + rel):
-        for name, size in sizes.items():
-            target = local / name
-            if not wanted(name) or (target.is_file() and target.stat().st_size == size):
-                continue
-            fetched += store.download(f"{rel}/{name}", target)
-            count += 1
-    return count, fetched
+        missing = {name: local / name for name, size in sizes.items()
+                   if wanted(name) and not ((local / name).is_file() and (local / name).stat().st_size == size)}
+        downloaded = download_many(store, {f"{rel}/{name}": target for name, target in missing.items()})
+    return {name: downloaded[f"{rel}/{name}"] for name in missing}

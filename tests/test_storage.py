@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 
@@ -59,6 +60,13 @@ def test_a_tree_is_fetched_once_per_machine_and_shared_by_content(runs, cache, t
     storage.push_tree(source, "data")
     cache("worker")
     assert storage.fetch_tree(other, "data") == 7
+    # A file changed in the bucket after it was listed (same size, other bytes) is refused, and not kept.
+    storage.Store(runs).child("other").write_bytes("data/new.bin", b"N" * 7)
+    cache("third")
+    third = storage.view_of(storage.Store(runs).child("other"))
+    with pytest.raises(RuntimeError, match="data/new.bin fails its sha256 check after download"):
+        storage.fetch_tree(third, "data")
+    assert not list((tmp_path / "third" / "blobs").rglob(hashlib.sha256(b"n" * 7).hexdigest()))
 
 
 def test_a_pushed_tree_is_hashed_again_only_where_a_file_changed(runs, cache, monkeypatch):
