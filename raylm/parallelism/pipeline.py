@@ -65,16 +65,16 @@ class HeadPipe(nn.Module):
 
 
 class TiedEmbeddingHead(nn.Module):
-    """The embedding and the head that shares its weight, for ``TiedLayerSpec``."""
+    """The embedding and the head that shares its weight, for ``TiedLayerSpec``: called, it embeds,
+    tokens (B, T) -> hidden (B, T, D); the head runs it through ``_head``."""
 
     def __init__(self, embedding: nn.Module, output: nn.Module):
         super().__init__()
         self.embedding = embedding
         self.output = output
 
-
-def _embed(module: TiedEmbeddingHead, tokens: torch.Tensor) -> torch.Tensor:
-    return module.embedding(tokens)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 def _head(module: TiedEmbeddingHead, hidden: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,11 @@ def pipeline_specs(model: nn.Module, tied: bool) -> List:
     cos, sin = model.rope(0, model.cfg.max_seq_len)
     blocks = [LayerSpec(BlockPipe, block, cos, sin) for block in model.layers]
     if tied:
+        # DeepSpeed's checkpoint holds a tied module only where it runs as a module (no forward_fn): a function
+        # is not saved. So the first stage saves the embedding (layer 0, its own forward), and after loading,
+        # the last stage's copy comes from it (DeepSpeed broadcasts the tied weight from the first stage).
         return [
-            TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, forward_fn=_embed, tied_weight_attr="embedding.weight"),
+            TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, tied_weight_attr="embedding.weight"),
             *blocks,
             LayerSpec(NormPipe, model.norm),
             TiedLayerSpec("embed", TiedEmbeddingHead, model.tok_embeddings, model.output, forward_fn=_head, tied_weight_attr="embedding.weight"),

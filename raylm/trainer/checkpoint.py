@@ -122,6 +122,16 @@ def read_state(root: Path) -> TrainerState:
     return TrainerState(**json.loads((root / MANIFEST).read_text())["state"])
 
 
+def lacks_pipeline_embedding(root: Path, state: TrainerState) -> bool:
+    """Whether pipelined checkpoint ``root`` has no DeepSpeed file of its first layer, the embedding: raylm's
+    tied embedding was saved in no layer file before it ran as a module on the first stage (DeepSpeed saves a
+    ``TiedLayerSpec`` only where it has no ``forward_fn``), so only the layout-free copy holds its trained value."""
+    if state.pp == 1:
+        return False
+    files = manifest_files((root / MANIFEST).read_text())
+    return not any(rel.startswith(f"{DEEPSPEED_TAG}/layer_00-") for rel in files)
+
+
 def step_dirs(stage_dir: Path) -> List[Path]:
     """Checkpoint directories of a stage, newest first."""
     if not stage_dir.is_dir():

@@ -25,7 +25,7 @@ from raylm.configs.schema import DistillConfig, LoraConfig, ModelConfig, RunConf
 from raylm.errors import UserError
 from raylm.storage import where
 from raylm.written_files import WrittenFiles
-from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, read_state
+from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, lacks_pipeline_embedding, read_state
 from raylm.trainer.checkpoint_saves import CheckpointSaves
 from raylm.trainer.hashed_deepspeed import hashed_saves
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
@@ -165,7 +165,10 @@ class StageTrainer:
         if self.saved is not None and self.saved.lora != self.state.lora:
             raise UserError(f"checkpoint {self.resume_from} was written with stages.{stage_index}.lora={self.saved.lora}, this stage has "
                             f"{self.state.lora}; restore that setting, or start a new stage from this one's initial weights")
-        self.reshard = self.saved is not None and self.saved.layout() != self.state.layout()
+        # Another layout, or DeepSpeed's files lacking the tied embedding (an older raylm's pipelined checkpoint):
+        # the layout-free copy.
+        self.reshard = self.saved is not None and (self.saved.layout() != self.state.layout()
+                                                   or lacks_pipeline_embedding(self.resume_from, self.saved))
         if self.reshard:
             self.session.fetch(self.resume_from, self._with_records(lambda rel: rel.startswith(LAYOUT_FREE_DIR + "/")))
         self.init_path = initial_weights(run_dir, self.run, stage_index)
@@ -292,7 +295,8 @@ class StageTrainer:
             self.log({"step": saved.step, "kind": "event", "event": "resharded", "path": str(path),
                       "from_layout": saved.layout(), "to_layout": self.state.layout()})
             if self.is_logger:
-                print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}", flush=True)
+                why = "" if saved.layout() != self.state.layout() else " (its DeepSpeed files lack the tied embedding: the layout-free copy has it)"
+                print(f"[raylm] resharding checkpoint {path.name}: {saved.layout()} -> {self.state.layout()}{why}", flush=True)
         else:
             self.session.fetch(path, self._with_records(read_by_rank(self.engine, self.ctx.rank)))
             load_path, _ = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
