@@ -54,10 +54,15 @@ def _break_storage_until_restart(run_dir: Path, ckpt_every: int) -> None:
     new worker group starts, so making the next one (rank 0, before any rank writes into it) raises."""
     stage = run_dir / "pretrain"
     before = worker_pids(stage)
-    due = (latest_step(run_dir) // ckpt_every + 1) * ckpt_every
-    blocked = [stage / step_dir_name(step) for step in (due, due + ckpt_every)]
-    for path in blocked:
-        path.write_text("")
+    blocked, step = [], (latest_step(run_dir) // ckpt_every + 1) * ckpt_every
+    while len(blocked) < 2:
+        path = stage / step_dir_name(step)
+        try:
+            path.open("x").close()
+            blocked.append(path)
+        except FileExistsError:  # the ranks, ahead of the driver's records, are saving it already: block a later one
+            pass
+        step += ckpt_every
     try:
         wait_for(lambda: worker_pids(stage) != before, "the worker group that replaces the failed one")
     finally:
