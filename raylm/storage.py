@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections import deque
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import parse_qs
@@ -35,8 +37,10 @@ SCHEMES = ("s3", "gs", "gcs")
 CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
 MARKER = ".raylm-storage"
 CONTENTS = ".contents.json"
-DOWNLOAD_CHUNK = 8 << 20
 """Beside a pushed tree: relative path -> [size, sha256] of each file, written after them."""
+DOWNLOAD_PART = 8 << 20
+TRANSFERS = 4
+"""Requests each process has in flight to a store (S3 serves one stream far below a link's rate)."""
 
 
 def is_uri(text: str) -> bool:
@@ -118,24 +122,32 @@ class Store:
         return self.download_hashed(rel, local)[0]
 
     def download_hashed(self, rel: str, local: Path) -> Tuple[int, str]:
-        """``download``, the bytes hashed on their way to the file: (size, sha256), no second read to verify it."""
+        """``download``, the bytes hashed on their way to the file: (size, sha256), no second read to verify it.
+
+        A large file comes as ranged reads, ``TRANSFERS`` in flight (one S3 stream is far slower than the
+        link), written and hashed in order; at most ``TRANSFERS + 1`` parts are held in memory.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
-        digest, size = hashlib.sha256(), 0
-        with self.fs.open_input_stream(self.path(rel)) as source, open(partial, "wb") as out:
-            while chunk := source.read(DOWNLOAD_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+        digest = hashlib.sha256()
+        with self.fs.open_input_file(self.path(rel)) as source, open(partial, "wb") as out, \
+                ThreadPoolExecutor(TRANSFERS, thread_name_prefix="raylm-part") as pool:
+            size = source.size()
+            offsets = iter(range(0, size, DOWNLOAD_PART))
+            in_flight = deque(pool.submit(source.read_at, DOWNLOAD_PART, offset) for offset in islice(offsets, TRANSFERS))
+            while in_flight:
+                part = in_flight.popleft().result()
+                for offset in islice(offsets, 1):
+                    in_flight.append(pool.submit(source.read_at, DOWNLOAD_PART, offset))
+                digest.update(part)
+                out.write(part)
         os.replace(partial, local)
         return size, digest.hexdigest()
 
     def delete_dir(self, rel: str) -> None:
         self.fs.delete_dir(self.path(rel))
-
-
-TRANSFERS = 4
-"""Files each process moves to or from a store at once (S3 serves one stream per request far below a link's rate)."""
 
 
 def download_many(store: Store, wanted: Dict[str, Path]) -> Dict[str, Tuple[int, str]]:

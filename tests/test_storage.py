@@ -241,3 +241,19 @@ def test_ranks_opening_a_view_at_once_all_find_its_store(runs, tmp_path):
             rank.join(timeout=60)
             assert rank.exitcode == 0
     assert errors.empty(), errors.get()
+
+
+def test_a_large_file_comes_back_whole_from_parts_fetched_at_once(runs, tmp_path):
+    """More parts than requests in flight, the last one short: the file and its sha256 are the uploaded ones."""
+    import os
+
+    from raylm import storage
+
+    data = os.urandom((storage.TRANSFERS + 2) * storage.DOWNLOAD_PART + 12345)
+    (tmp_path / "big.bin").write_bytes(data)
+    store = storage.Store(runs)
+    store.upload(tmp_path / "big.bin", "big.bin")
+    size, sha256 = store.download_hashed("big.bin", tmp_path / "back" / "big.bin")
+    assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "back" / "big.bin").read_bytes() == data
+    assert [p.name for p in (tmp_path / "back").iterdir()] == ["big.bin"]  # no part file left behind
