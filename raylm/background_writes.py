@@ -1,6 +1,6 @@
 """A ``WrittenFiles`` ledger that writes in the background: each writer takes a host snapshot of what it is given
-on the calling thread and leaves the writing, hashing and syncing to one writer thread, so the caller (the
-training loop) goes on while the bytes go out.
+on the calling thread and leaves the writing, hashing and syncing (and a ``write_with`` job's work, collectives
+included) to one writer thread, so the caller (the training loop) goes on while the bytes go out.
 
 The ledger's ``files`` and its ``on_written`` calls come from the writer thread; read ``files`` only once
 ``wait`` returned.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent import futures
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -28,23 +28,30 @@ class BackgroundWrittenFiles(WrittenFiles):
         super().__init__(root, on_written)
         self._writer = writer
         self._queued: List[Future] = []
+        # What the writer thread writes through: it fills this ledger's ``files``.
+        self._inline = WrittenFiles(root, on_written)
+        self.files = self._inline.files
 
     def _queue(self, write: Callable, *args) -> None:
         self._queued.append(self._writer.submit(write, *args))
 
     def write_bytes(self, path: Union[str, Path], data: bytes) -> None:
-        self._queue(super().write_bytes, path, bytes(data))
+        self._queue(self._inline.write_bytes, path, bytes(data))
 
     def torch_save(self, obj, path: Union[str, Path]) -> None:
-        self._queue(super().torch_save, host_snapshot(obj), path)
+        self._queue(self._inline.torch_save, host_snapshot(obj), path)
 
     def save_safetensors(self, tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
                          metadata: Optional[Dict[str, str]] = None) -> None:
-        self._queue(super().save_safetensors, host_snapshot(dict(tensors)), path, dict(metadata) if metadata else None)
+        self._queue(self._inline.save_safetensors, host_snapshot(dict(tensors)), path, dict(metadata) if metadata else None)
+
+    def write_with(self, job: Callable[[WrittenFiles, Any], None], state: Any) -> None:
+        """Queue ``job`` with a host snapshot of ``state``; what it writes is written at once, on the writer thread."""
+        self._queue(job, self._inline, host_snapshot(state))
 
     def sync(self) -> None:
         """Queue the fsync of every file after their writes; ``wait`` returns once it is done."""
-        self._queue(super().sync)
+        self._queue(self._inline.sync)
 
     def done(self) -> bool:
         return all(job.done() for job in self._queued)

@@ -14,7 +14,7 @@ import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -95,6 +95,11 @@ class WrittenFiles:
             for tensor in tensors.values():
                 if tensor.numel():
                     out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write_with(self, job: Callable[["WrittenFiles", Any], None], state: Any) -> None:
+        """Call ``job(ledger, state)``, which writes through the ledger it is given, in this ledger's order of writes
+        (here at once; a background ledger calls it later, on its writer thread, with a host snapshot of ``state``)."""
+        job(self, state)
 
     def sync(self) -> None:
         """Every written file, and the directories naming them, on disk (before a manifest commits them)."""

@@ -1,7 +1,8 @@
 """Asynchronous checkpoints (``train.async_checkpoint``) on 2 gloo ranks with real DeepSpeed engines: the same
-files, byte for byte, as synchronous ones of the same training, and a resume from one continues exactly (pp2 with
-the embedding tied across its two stages too, and from a pp2 checkpoint as raylm wrote it before DeepSpeed's files
-held that embedding)."""
+files, byte for byte, as synchronous ones of the same training (the layout-free copy gathered on the writer
+thread included), a resume from one continues exactly (pp2 with the embedding tied across its two stages too, and
+from a pp2 checkpoint as raylm wrote it before DeepSpeed's files held that embedding), and one on another layout
+reshards from it."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from safetensors.torch import load_file
 from conftest import TINY_PRETRAIN, read_metrics
 from gloo_spawn import run_on_gloo, train_saved_stage, train_stage_on_rank
 from raylm.configs.loader import load_config
+from raylm.trainer import run_dir as rundir
 from raylm.trainer.checkpoint import MANIFEST, RECORDS_FILE, step_dir_name
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS = {"zero2": ["parallel.zero_stage=2"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"]}  # the tiny preset ties the embeddings
+LAYOUTS = {"zero2": ["parallel.zero_stage=2"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"],  # the tiny preset ties the embeddings
+           "tp2": ["parallel.tp=2", "parallel.zero_stage=1"]}
 RUN = [*TINY_PRETRAIN, "cluster.num_workers=2", "train.max_steps=4", "train.ckpt_every=2"]
+RESHARD = ("zero2", "tp2")
+"""A resume of the first layout's asynchronous run on the second one's."""
 
 
 def _cut_back(run_dir: Path, copy: Path) -> Path:
@@ -48,7 +53,8 @@ def _drop_tied_embedding(checkpoint: Path) -> None:
 def _train_each_way(rank: int, world_size: int, root: Path) -> None:
     """Per layout: a run with synchronous checkpoints, the same with asynchronous ones, and a copy of the
     asynchronous run cut back to its step-2 checkpoint and trained again from there (a restart); for pp2, also
-    a copy of the synchronous run cut back the same way, its checkpoint made as an older raylm wrote it."""
+    a copy of the synchronous run cut back the same way, its checkpoint made as an older raylm wrote it; then a
+    copy of one asynchronous run cut back the same way and trained on another layout (``RESHARD``)."""
     for name, layout in LAYOUTS.items():
         for mode in ("sync", "async"):
             run = load_config("tiny", [*RUN, *layout, f"train.async_checkpoint={mode == 'async'}"])
@@ -63,6 +69,15 @@ def _train_each_way(rank: int, world_size: int, root: Path) -> None:
         _drop_tied_embedding(_cut_back(root / "pp2-sync", legacy))
     dist.barrier()
     train_saved_stage(legacy)
+    source, then = RESHARD
+    resharded = root / f"{source}-to-{then}"
+    if rank == 0:
+        _cut_back(root / f"{source}-async", resharded)
+        run = load_config("tiny", [*RUN, *LAYOUTS[then], "train.async_checkpoint=true"])
+        run.name = resharded.name
+        rundir.save_config(resharded, run)
+    dist.barrier()
+    train_saved_stage(resharded)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +136,15 @@ def test_a_pp2_checkpoint_without_the_tied_embedding_resumes_from_its_layout_fre
     resharded = [r for r in read_metrics(legacy, kind="event") if r["event"] == "resharded"]
     assert [(r["step"], r["from_layout"] == r["to_layout"]) for r in resharded] == [(2, True)]
     _repeats_the_run(trained / "pp2-sync", legacy)
+
+
+@pytest.mark.timeout(900)
+def test_another_layout_reshards_an_async_checkpoint(trained):
+    source, then = RESHARD
+    resharded = trained / f"{source}-to-{then}"
+    assert [r["step"] for r in read_metrics(resharded, kind="event") if r["event"] == "resharded"] == [2]
+    # Steps 3 and 4 on the new layout from the old one's weights, Adam moments and schedule: the losses of a run
+    # trained on the new layout throughout, but for the summation order.
+    losses = {r["step"]: r["loss"] for r in read_metrics(trained / f"{then}-sync")}
+    redone = [(r["step"], r["loss"]) for r in read_metrics(resharded)][-2:]
+    assert redone == [(3, pytest.approx(losses[3], rel=1e-4)), (4, pytest.approx(losses[4], rel=1e-4))]

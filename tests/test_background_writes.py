@@ -31,9 +31,15 @@ def _tensors():
     return {"param/w": torch.randn(6, 4), "param/b": torch.zeros(0), "exp_avg/w": torch.randn(3).bfloat16()}
 
 
+def _write_doubled(written: WrittenFiles, tensors) -> None:
+    """A ``write_with`` job: work on the state it is given (a layout-free gather's), then a file of the result."""
+    written.save_safetensors({name: tensor * 2 for name, tensor in tensors.items()}, written.root / "layout_free" / "doubled.safetensors")
+
+
 def _write_all(written: WrittenFiles, state, tensors) -> None:
     written.torch_save(state, written.root / "deepspeed" / "states.pt")
     written.save_safetensors(tensors, written.root / "layout_free" / "param.safetensors", {"format": "test"})
+    written.write_with(_write_doubled, tensors)
     written.write_text(written.root / "records.jsonl", '{"step": 3}\n')
 
 
@@ -78,6 +84,8 @@ def test_background_writes_keep_the_values_they_were_given(tmp_path):
     assert got["views"]["a"].untyped_storage().data_ptr() == got["views"]["b"].untyped_storage().data_ptr()
     back = load_file(str(background.root / "layout_free" / "param.safetensors"))
     assert torch.equal(back["param/w"], weights_given)
+    doubled = load_file(str(background.root / "layout_free" / "doubled.safetensors"))
+    assert torch.equal(doubled["param/w"], weights_given * 2)
 
 
 def test_a_snapshot_keeps_sharing_types_and_attributes():

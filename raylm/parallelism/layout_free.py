@@ -24,8 +24,9 @@ as if the layout had never changed (same math, other summation order).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,11 @@ from safetensors import safe_open
 
 from raylm.models.weights import Location, read_part
 from raylm.parallelism.apply import ParallelModel
-from raylm.parallelism.masters import full_locals, inner_optimizer, link_fragments, set_full_local, trainable_by_name
+from raylm.parallelism.masters import (LocalShares, data_parallel_group, inner_optimizer, link_fragments, local_shares,
+                                       set_full_local, trainable_by_name)
 from raylm.parallelism.plan import split_dim_of
 from raylm.parallelism.reshard import gather_tp_tensor
+from raylm.parallelism.topology import CheckpointGroups
 from raylm.written_files import WrittenFiles
 
 LAYOUT_FREE_DIR = "layout_free"
@@ -51,30 +54,48 @@ def adam_step(engine) -> int:
     return steps.pop()
 
 
-def save_layout_free(engine, par: ParallelModel, out_dir: Path, written: WrittenFiles) -> None:
+def save_layout_free(engine, par: ParallelModel, out_dir: Path, written: WrittenFiles,
+                     background_groups: Optional[CheckpointGroups] = None) -> None:
     """Write this rank's part of ``layout_free/`` through ``written``; a collective.
 
     Each kind (``param``, each Adam moment) of a pipeline stage is one file, written by one tensor-rank-0 rank of
     that stage: the last data-parallel rank first, since dp rank 0 also writes DeepSpeed's model states, so that
-    the writing is spread over the ranks.
+    the writing is spread over the ranks. Every rank sums and gathers each kind where ``written`` writes
+    (``WrittenFiles.write_with``): a background ledger does it on its writer thread from a host snapshot of the
+    rank's shares, over ``background_groups`` (which it must then be given), so that the training thread only
+    copies the shares.
     """
     groups = par.groups
     link_fragments(engine)
     trainable = trainable_by_name(par)
-    mine: Dict[str, Dict[str, torch.Tensor]] = {}
+    dp_group, tp_group = data_parallel_group(trainable), groups.tp_group
+    if background_groups is not None:
+        if dp_group is not None and dist.get_process_group_ranks(dp_group) != background_groups.dp_ranks:
+            raise RuntimeError(f"DeepSpeed splits the weights over ranks {dist.get_process_group_ranks(dp_group)}, "
+                               f"not over the data-parallel ranks {background_groups.dp_ranks}")
+        dp_group, tp_group = background_groups.dp_group, background_groups.tp_group
     for index, key in enumerate((None, *ADAM_MOMENTS)):
         kind = key or PARAM
-        writer = groups.tp_rank == 0 and groups.dp_rank == (par.dp_size - 1 - index) % par.dp_size
-        for name, value in full_locals(engine, trainable, key).items():
-            dense = gather_tp_tensor(value.float(), name, groups.tp_group)
-            if writer:  # possibly the live tensor: written below, before the next step changes it
-                mine.setdefault(kind, {})[f"{kind}/{name}"] = dense.to("cpu")
+        writes = groups.tp_rank == 0 and groups.dp_rank == (par.dp_size - 1 - index) % par.dp_size
+        path = out_dir / f"stage_{groups.pp_rank:03d}_{kind}.safetensors" if writes else None
+        gather = partial(_gather_kind, kind=kind, path=path, dp_group=dp_group, tp_group=tp_group)
+        written.write_with(gather, local_shares(engine, trainable, key))
     step = adam_step(engine)
-    for kind, tensors in mine.items():
-        written.save_safetensors(tensors, out_dir / f"stage_{groups.pp_rank:03d}_{kind}.safetensors", metadata={"format": "raylm-layout-free"})
     if dist.get_rank() == 0:
         meta = {"adam_step": step, "scheduler": engine.lr_scheduler.state_dict()}
         written.write_text(out_dir / OPTIMIZER_FILE, json.dumps(meta, indent=1))
+
+
+def _gather_kind(written: WrittenFiles, shares: LocalShares, *, kind: str, path: Optional[Path], dp_group, tp_group) -> None:
+    """Make one kind's dense tensors from every rank's ``shares`` (collectives over ``dp_group`` and ``tp_group``);
+    the rank given a ``path`` writes them there."""
+    dense: Dict[str, torch.Tensor] = {}
+    for name, value in shares.whole(dp_group).items():
+        gathered = gather_tp_tensor(value.float(), name, tp_group)
+        if path is not None:  # possibly the live tensor: written below, before the next step changes it
+            dense[f"{kind}/{name}"] = gathered.to("cpu")
+    if path is not None:
+        written.save_safetensors(dense, path, metadata={"format": "raylm-layout-free"})
 
 
 def layout_free_locations(src_dir: Path, kind: str = PARAM) -> Dict[str, Location]:

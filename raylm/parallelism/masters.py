@@ -11,7 +11,8 @@ lives on the engine's device.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -65,32 +66,81 @@ def full_local(engine, param: nn.Parameter, key: Optional[str]) -> torch.Tensor:
     return param.detach() if key is None else inner_optimizer(engine).state[param][key].detach()
 
 
-@torch.no_grad()
-def full_locals(engine, params: Dict[str, nn.Parameter], key: Optional[str]) -> StateDict:
-    """``full_local`` of many weights at once, by name; a collective over dp under ZeRO.
+@dataclass
+class Fragment:
+    """This rank's part of one weight that ZeRO-1/2 or DeepSpeed's bf16 optimizer splits over the data-parallel ranks."""
 
-    Under ZeRO-1/2 and DeepSpeed's bf16 optimizer each weight's fp32 value (or state ``key``) lies in fragments
-    across the data-parallel ranks; DeepSpeed assembles one weight per all-reduce. Here every rank copies its
-    fragments of all of them into one zeroed buffer per data-parallel group and sums it once: the same values,
-    one collective instead of one per weight.
-    """
-    fragmented = {name: param for name, param in params.items() if hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id")}
-    out = {name: full_local(engine, param, key) for name, param in params.items() if name not in fragmented}
-    by_group: Dict[int, list] = {}
-    for name, param in fragmented.items():
-        by_group.setdefault(id(param._dp_group), []).append((name, param))
-    for members in by_group.values():
-        sizes = [param.numel() for _, param in members]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=members[0][1].device)
-        parts = flat.split(sizes)
-        for (_, param), part in zip(members, parts):
+    values: torch.Tensor
+    """The part's fp32 values (or optimizer state): empty where none of the weight lies in this rank's partition."""
+    start: int
+    """Where the part starts in the flattened weight."""
+    shape: torch.Size
+    """The whole weight's shape."""
+
+
+@dataclass
+class LocalShares:
+    """What this rank holds of many weights' fp32 values (or of one optimizer state), by name, before the
+    data-parallel sum that makes each whole (``whole``): kept apart from the sum so that an asynchronous
+    checkpoint can copy the shares to host memory and sum the copy on its writer thread."""
+
+    held: StateDict
+    """Weights this rank already holds whole (no ZeRO partitioning, or ZeRO-3's, which DeepSpeed gathers)."""
+    fragments: Dict[str, Fragment]
+    names: List[str]
+    """Every name, in the order ``whole`` returns them."""
+
+    @torch.no_grad()
+    def whole(self, dp_group: Optional[dist.ProcessGroup]) -> StateDict:
+        """Every weight whole; a collective over ``dp_group`` (the fragments' data-parallel group) if any is split.
+
+        Every rank copies its fragments of all of them into one zeroed buffer and sums it once: each element is
+        non-zero on one rank at most, so the sum is exact, and it takes one collective instead of DeepSpeed's
+        one per weight.
+        """
+        out = dict(self.held)
+        if self.fragments:
+            sizes = [fragment.shape.numel() for fragment in self.fragments.values()]
+            flat = torch.zeros(sum(sizes), dtype=torch.float32, device=next(iter(self.fragments.values())).values.device)
+            parts = flat.split(sizes)
+            for fragment, part in zip(self.fragments.values(), parts):
+                part.narrow(0, fragment.start, fragment.values.numel()).copy_(fragment.values.flatten())
+            dist.all_reduce(flat, group=dp_group)
+            out.update({name: part.view(fragment.shape) for (name, fragment), part in zip(self.fragments.items(), parts)})
+        return {name: out[name] for name in self.names}
+
+
+def _is_fragmented(param: nn.Parameter) -> bool:
+    return hasattr(param, "_hp_mapping") and not hasattr(param, "ds_id")
+
+
+def data_parallel_group(params: Dict[str, nn.Parameter]) -> Optional[dist.ProcessGroup]:
+    """The group over which ZeRO-1/2 or DeepSpeed's bf16 optimizer splits ``params`` (None where none is split)."""
+    groups = {id(param._dp_group): param._dp_group for param in params.values() if _is_fragmented(param)}
+    if len(groups) > 1:
+        raise RuntimeError(f"DeepSpeed split this rank's weights over {len(groups)} data-parallel groups; raylm expects one")
+    return next(iter(groups.values()), None)
+
+
+@torch.no_grad()
+def local_shares(engine, params: Dict[str, nn.Parameter], key: Optional[str]) -> LocalShares:
+    """This rank's shares of ``params``' fp32 values (key None) or optimizer state ``key``: views of the live state
+    where they are split (no collective), ``full_local`` where they are not (ZeRO-3's a collective over dp)."""
+    fragments: Dict[str, Fragment] = {}
+    for name, param in params.items():
+        if _is_fragmented(param):
             mapping = param._hp_mapping
-            if mapping is not None:  # None: none of this weight lies in this rank's partition
-                address = mapping.lp_fragment_address
-                part.narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment(key))
-        dist.all_reduce(flat, group=members[0][1]._dp_group)
-        out.update({name: part.view_as(param) for (name, param), part in zip(members, parts)})
-    return {name: out[name] for name in params}
+            if mapping is None:  # none of this weight lies in this rank's partition
+                fragments[name] = Fragment(torch.empty(0, dtype=torch.float32, device=param.device), 0, param.shape)
+            else:
+                fragments[name] = Fragment(mapping.get_hp_fragment(key), mapping.lp_fragment_address.start, param.shape)
+    held = {name: full_local(engine, param, key) for name, param in params.items() if name not in fragments}
+    return LocalShares(held, fragments, list(params))
+
+
+def full_locals(engine, params: Dict[str, nn.Parameter], key: Optional[str]) -> StateDict:
+    """``full_local`` of many weights at once, by name; a collective over dp under ZeRO."""
+    return local_shares(engine, params, key).whole(data_parallel_group(params))
 
 
 def link_fragments(engine) -> None:

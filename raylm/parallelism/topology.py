@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -125,11 +125,11 @@ class ParallelGroups:
         return [self.tp_group, self.dp_group, self.pp_group, self.mp_group]
 
 
-def _new_groups(all_groups: List[List[int]], rank: int, timeout: timedelta) -> Tuple[dist.ProcessGroup, List[int]]:
+def _new_groups(all_groups: List[List[int]], rank: int, timeout: timedelta, backend: Optional[str] = None) -> Tuple[dist.ProcessGroup, List[int]]:
     """Create every group of one axis (each rank must create all of them, in the same order); keep ours."""
     mine = None
     for ranks in all_groups:
-        group = dist.new_group(ranks=ranks, timeout=timeout)
+        group = dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
         if rank in ranks:
             mine = (group, ranks)
     assert mine is not None, f"rank {rank} is in none of {all_groups}"
@@ -149,6 +149,24 @@ def build_groups(topology: Topology, rank: int, timeout: timedelta) -> ParallelG
     pp_group, pp_ranks = _new_groups(topology.all_pp_groups(), rank, timeout)
     mp_group, mp_ranks = _new_groups(topology.all_mp_groups(), rank, timeout)
     return ParallelGroups(topology, rank, tp_group, dp_group, pp_group, mp_group, tp_ranks, dp_ranks, pp_ranks, mp_ranks)
+
+
+@dataclass
+class CheckpointGroups:
+    """Gloo twins of this rank's data- and tensor-parallel groups, for an asynchronous checkpoint's writer thread:
+    its collectives (the layout-free copy's gathers, over host memory) never share a group with the training
+    thread's, which may run at the same time."""
+
+    dp_group: dist.ProcessGroup
+    tp_group: dist.ProcessGroup
+    dp_ranks: List[int]
+
+
+def build_checkpoint_groups(topology: Topology, rank: int, timeout: timedelta) -> CheckpointGroups:
+    """Create the gloo twins of the dp and tp groups; a collective call on every rank of the default group."""
+    tp_group, _ = _new_groups(topology.all_tp_groups(), rank, timeout, backend="gloo")
+    dp_group, dp_ranks = _new_groups(topology.all_dp_groups(), rank, timeout, backend="gloo")
+    return CheckpointGroups(dp_group, tp_group, dp_ranks)
 
 
 def group_timeout_s(group: dist.ProcessGroup, device: torch.device) -> float:

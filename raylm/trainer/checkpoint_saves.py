@@ -3,9 +3,11 @@ ranks' file lists gathered, rank 0's manifest, a barrier, the session's commit).
 
 With ``train.async_checkpoint`` the files are written in the background from a host snapshot
 (``raylm.background_writes``) and the commit comes at the first step by which every rank's files are on disk;
-the training loop does not wait for the disk in between. Every collective stays on the training thread, in
-the same order on every rank. A checkpoint counts only once its manifest commits: a rank killed before that
-leaves a directory without one, which a resume skips.
+the training loop does not wait for the disk in between. The training thread's collectives (DeepSpeed's save,
+the poll, the commit) stay on it; those of the layout-free copy's gathers run on the writer thread over gloo
+groups of its own (``raylm.parallelism.topology.CheckpointGroups``), in the same order on every rank, since
+every rank queues the same saves' work in the same order. A checkpoint counts only once its manifest commits: a
+rank killed before that leaves a directory without one, which a resume skips.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import asdict, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -54,7 +55,7 @@ from raylm.parallelism.apply import ParallelModel, build_parallel_model
 from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layout_free_locations, load_layout_free, save_layout_free
 from raylm.parallelism.materialize import WeightSource, fresh_weights, materialize, stored_weights
 from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
-from raylm.parallelism.topology import Topology, group_timeout_s
+from raylm.parallelism.topology import Topology, build_checkpoint_groups, group_timeout_s
 from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
 
 
@@ -177,6 +178,9 @@ class StageTrainer:
         dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None, self.labels)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
+        # The writer thread of asynchronous checkpoints gathers the layout-free copy over groups of its own.
+        self.checkpoint_groups = (build_checkpoint_groups(self.par.topology, self.ctx.rank, timedelta(seconds=self.cfg.fault.hang_timeout_s))
+                                  if self.cfg.train.async_checkpoint else None)
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.phases.mark("model")
@@ -348,7 +352,7 @@ class StageTrainer:
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
         with hashed_saves(self.engine, written):
             self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-        save_layout_free(self.engine, self.par, directory / LAYOUT_FREE_DIR, written)
+        save_layout_free(self.engine, self.par, directory / LAYOUT_FREE_DIR, written, self.checkpoint_groups)
         written.torch_save(rng_state(self.ctx.device), directory / f"rng_rank{self.ctx.rank:05d}.pt")
         if self.is_logger:
             written.write_text(directory / RECORDS_FILE, "".join(json.dumps(record) + "\n" for record in self.history))
