@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from raylm.host_snapshot import host_snapshot
+from raylm.host_snapshot import HostCopies, host_snapshot
 from raylm.written_files import WrittenFiles
 
 
@@ -31,6 +31,8 @@ class BackgroundWrittenFiles(WrittenFiles):
         # What the writer thread writes through: it fills this ledger's ``files``.
         self._inline = WrittenFiles(root, on_written)
         self.files = self._inline.files
+        # The ledger's snapshots share their copies of a storage (taken while training waits for them).
+        self._copies = HostCopies()
 
     def _queue(self, write: Callable, *args) -> None:
         self._queued.append(self._writer.submit(write, *args))
@@ -39,19 +41,21 @@ class BackgroundWrittenFiles(WrittenFiles):
         self._queue(self._inline.write_bytes, path, bytes(data))
 
     def torch_save(self, obj, path: Union[str, Path]) -> None:
-        self._queue(self._inline.torch_save, host_snapshot(obj), path)
+        self._queue(self._inline.torch_save, host_snapshot(obj, self._copies), path)
 
     def save_safetensors(self, tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
                          metadata: Optional[Dict[str, str]] = None) -> None:
-        self._queue(self._inline.save_safetensors, host_snapshot(dict(tensors)), path, dict(metadata) if metadata else None)
+        self._queue(self._inline.save_safetensors, host_snapshot(dict(tensors), self._copies), path, dict(metadata) if metadata else None)
 
     def write_with(self, job: Callable[[WrittenFiles, Any], None], state: Any) -> None:
         """Queue ``job`` with a host snapshot of ``state``; what it writes is written at once, on the writer thread."""
-        self._queue(job, self._inline, host_snapshot(state))
+        self._queue(job, self._inline, host_snapshot(state, self._copies))
 
     def sync(self) -> None:
-        """Queue the fsync of every file after their writes; ``wait`` returns once it is done."""
+        """Queue the fsync of every file after their writes (the last call of a save: training goes on after it);
+        ``wait`` returns once it is done."""
         self._queue(self._inline.sync)
+        self._copies = HostCopies()  # the queued writes hold what they need of it
 
     def done(self) -> bool:
         return all(job.done() for job in self._queued)

@@ -98,7 +98,8 @@ class WrittenFiles:
 
     def write_with(self, job: Callable[["WrittenFiles", Any], None], state: Any) -> None:
         """Call ``job(ledger, state)``, which writes through the ledger it is given, in this ledger's order of writes
-        (here at once; a background ledger calls it later, on its writer thread, with a host snapshot of ``state``)."""
+        (here at once; a background ledger calls it later, on its writer thread, with a host snapshot of ``state``,
+        which may share storages with the ledger's other snapshots: ``job`` must not change ``state`` in place)."""
         job(self, state)
 
     def sync(self) -> None:

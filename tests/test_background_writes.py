@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from raylm.background_writes import BackgroundWrittenFiles
-from raylm.host_snapshot import host_snapshot
+from raylm.host_snapshot import HostCopies, host_snapshot
 from raylm.trainer.checkpoint import describe_files
 from raylm.written_files import WrittenFiles
 
@@ -98,6 +98,18 @@ def test_a_snapshot_keeps_sharing_types_and_attributes():
     assert torch.equal(copy["x"], torch.zeros(5)) and copy["x"].untyped_storage()._cdata == copy["y"].untyped_storage()._cdata
     assert type(copy["p"]) is torch.nn.Parameter and copy["p"].requires_grad
     assert copy["t"].partition_id == 7
+
+
+def test_snapshots_taken_with_one_host_copies_share_a_storage_copy_while_the_original_lives():
+    copies = HostCopies()
+    flat = torch.zeros(10)
+    first, second = host_snapshot({"a": flat[:5]}, copies), host_snapshot([flat[5:]], copies)
+    assert first["a"].untyped_storage()._cdata == second[0].untyped_storage()._cdata
+    # Storages made and freed one after another (at reused addresses, often): each is copied anew.
+    for value in range(20):
+        made = torch.full((10,), float(value))
+        assert torch.equal(host_snapshot(made, copies), made)
+        del made
 
 
 def test_abandoning_drops_the_writes_not_begun(tmp_path):

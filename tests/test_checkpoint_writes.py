@@ -49,10 +49,42 @@ def test_written_files_record_what_a_fresh_read_finds(tmp_path):
 LAYOUTS = {"zero2": ["parallel.zero_stage=2"], "pp2": ["parallel.pp=2", "parallel.zero_stage=1"], "tp2": ["parallel.tp=2"]}
 
 
+COLLECTIVES = ("barrier", "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object")
+
+
+def _note_collectives_in_deepspeed_saves(noted: list) -> None:
+    """Note (in ``noted``) every collective DeepSpeed's ``save_checkpoint`` makes, by name."""
+    import torch.distributed as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    saving = []
+    save_checkpoint = DeepSpeedEngine.save_checkpoint
+
+    def noting_save(engine, *args, **kwargs):
+        saving.append(True)
+        try:
+            return save_checkpoint(engine, *args, **kwargs)
+        finally:
+            saving.pop()
+
+    def noting(name: str, collective):
+        def call(*args, **kwargs):
+            if saving:
+                noted.append(name)
+            return collective(*args, **kwargs)
+        return call
+
+    DeepSpeedEngine.save_checkpoint = noting_save
+    for name in COLLECTIVES:
+        setattr(dist, name, noting(name, getattr(dist, name)))
+
+
 def _train_recording_reads(rank: int, world_size: int, root: Path) -> None:
-    """Train each layout to its checkpoint at step 2, noting every checkpoint file this process opens for reading."""
+    """Train each layout to its checkpoint at step 2, noting every checkpoint file this process opens for reading
+    and every collective DeepSpeed's own save makes."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # what DeepSpeed reads
-    reads = []
+    reads, collectives = [], []
+    _note_collectives_in_deepspeed_saves(collectives)  # this process is the test's own, as is the hook below
 
     def note_reads(event: str, args: tuple) -> None:
         # Python-level opens carry their mode; os.open's (mode None) opens for fsync, which reads nothing.
@@ -64,6 +96,7 @@ def _train_recording_reads(rank: int, world_size: int, root: Path) -> None:
         train_stage_on_rank(root / name, load_config("tiny", [*TINY_PRETRAIN, "cluster.num_workers=2", "train.max_steps=2",
                                                               "train.ckpt_every=2", *layout]), rank)
     (root / f"reads_rank{rank}.json").write_text(json.dumps(reads))
+    (root / f"collectives_rank{rank}.json").write_text(json.dumps(collectives))
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +123,13 @@ def test_saving_reads_no_checkpoint_file_back(saved):
     for rank in range(2):
         reads = json.loads((saved / f"reads_rank{rank}.json").read_text())
         assert reads == [], f"rank {rank} read back {reads}"
+
+
+@pytest.mark.slow
+def test_deepspeeds_save_makes_no_collective(saved):
+    """Its tag check and barriers are left out: raylm's own save synchronises the ranks around it."""
+    for rank in range(2):
+        assert json.loads((saved / f"collectives_rank{rank}.json").read_text()) == [], f"rank {rank}"
 
 
 @pytest.mark.slow

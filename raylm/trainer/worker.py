@@ -28,6 +28,7 @@ from raylm.storage import where
 from raylm.written_files import WrittenFiles
 from raylm.trainer.checkpoint import DEEPSPEED_TAG, RECORDS_FILE, TrainerState, lacks_pipeline_embedding, read_state
 from raylm.trainer.checkpoint_saves import CheckpointSaves
+from raylm.trainer.deepspeed_save_sync import without_redundant_sync
 from raylm.trainer.hashed_deepspeed import hashed_saves
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
@@ -350,7 +351,7 @@ class StageTrainer:
         outside its checkpoint engine: no resume reads them, and the manifest does not list them.)"""
         # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
-        with hashed_saves(self.engine, written):
+        with hashed_saves(self.engine, written), without_redundant_sync(self.engine):
             self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
         save_layout_free(self.engine, self.par, directory / LAYOUT_FREE_DIR, written, self.checkpoint_groups)
         written.torch_save(rng_state(self.ctx.device), directory / f"rng_rank{self.ctx.rank:05d}.pt")
