@@ -6,7 +6,8 @@ ZeRO-3 partitions), reached through its fragment API. Everything that leaves a
 stage (final weights, the layout-free checkpoint) is read from them, and a
 stage that starts from given weights writes them there too, so nothing is
 ever rounded to bf16 on the way. Every tensor handed to a collective here
-lives on the engine's device.
+lives on the engine's device (but an asynchronous checkpoint's host snapshot of
+``LocalShares``, summed on its writer thread over gloo).
 """
 
 from __future__ import annotations
