@@ -40,7 +40,8 @@ CONTENTS = ".contents.json"
 """Beside a pushed tree: relative path -> [size, sha256] of each file, written after them."""
 DOWNLOAD_PART = 8 << 20
 TRANSFERS = 4
-"""Requests each process has in flight to a store (S3 serves one stream far below a link's rate)."""
+"""Files a process moves to or from a store at once, and ranged reads in flight per large file (S3 serves one
+stream far below a link's rate)."""
 
 
 def is_uri(text: str) -> bool:
