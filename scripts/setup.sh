@@ -25,5 +25,5 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing raylm and its dependencies"
 python -m pip install -q -e ".[test,hf]" 2>&1 | quiet
-python -c "import raylm, torch, deepspeed, ray, transformers, lm_eval, pytest_timeout, moto.server" || { echo "setup: the install failed; see the output above" >&2; exit 1; }
+python -c "import raylm, torch, deepspeed, ray, transformers, lm_eval, pytest_timeout, moto.server, gcp_storage_emulator" || { echo "setup: the install failed; see the output above" >&2; exit 1; }
 echo "setup: ready (.venv)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -11,11 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ports import free_port
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
@@ -34,7 +29,7 @@ def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
 
     ``fn`` must be a module-level function (the ranks are fresh interpreters).
     """
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
 
 
 def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:

@@ -1,12 +1,15 @@
-"""A real S3 server on 127.0.0.1 (moto's), and a Ray worker node that cannot see the driver's disk."""
+"""Real object stores on 127.0.0.1 (moto's S3 server, gcp-storage-emulator's GCS JSON API), and a Ray worker node that
+cannot see the driver's disk."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import psutil
+
+from ports import free_port
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raylm-test", "AWS_SECRET_ACCESS_KEY": "raylm-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -47,6 +52,77 @@ def new_bucket(endpoint: str) -> str:
     name = f"raylm-{uuid.uuid4().hex[:8]}"
     pyarrow.fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}/runs?endpoint_override={endpoint}"
+
+
+GCS_PROJECT = "raylm-test"
+
+
+# gcp-storage-emulator's HTTP server answers one connection at a time, and the GCS client keeps a download's connection
+# open while it reads another file: with several transfers in flight (raylm makes four) both would wait forever.
+GCS_SERVER_SCRIPT = """
+import http.server, sys
+http.server.HTTPServer = http.server.ThreadingHTTPServer
+from gcp_storage_emulator.server import create_server
+create_server("127.0.0.1", int(sys.argv[1]), in_memory=True).run()
+"""
+
+
+@contextmanager
+def gcs_server() -> Iterator[str]:
+    """Yields ``127.0.0.1:PORT`` of a running GCS server (its own process). This process's environment gets what a
+    machine outside Google's metadata service uses: ``GOOGLE_APPLICATION_CREDENTIALS``, a service account key (made
+    here, a real RSA key that signs the JWT each request carries; the server accepts any) and ``GOOGLE_CLOUD_PROJECT``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    with tempfile.TemporaryDirectory(prefix="raylm-gcs-") as keys:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+        account = Path(keys) / "service-account.json"
+        account.write_text(json.dumps({"type": "service_account", "project_id": GCS_PROJECT, "private_key_id": "1", "private_key": pem,
+                                       "client_email": f"raylm@{GCS_PROJECT}.iam.gserviceaccount.com", "client_id": "1",
+                                       "token_uri": "https://oauth2.googleapis.com/token"}))
+        port = free_port()
+        with open(Path(keys) / "server.log", "w") as log:
+            server = subprocess.Popen([sys.executable, "-c", GCS_SERVER_SCRIPT, str(port)], stdout=log, stderr=subprocess.STDOUT)
+        settings = {"GOOGLE_APPLICATION_CREDENTIALS": str(account), "GOOGLE_CLOUD_PROJECT": GCS_PROJECT}
+        saved = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            _wait_until_listening(port, server, Path(keys) / "server.log")
+            yield f"127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _wait_until_listening(port: int, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"the GCS server exited: {log.read_text()[-2000:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"the GCS server did not listen on {port} in {timeout_s} s"
+            time.sleep(0.1)
+
+
+def new_gcs_bucket(endpoint: str) -> str:
+    """A fresh bucket; its ``gs://`` URI with the endpoint (plain HTTP)."""
+    import pyarrow.fs
+
+    name = f"raylm-{uuid.uuid4().hex[:8]}"
+    pyarrow.fs.GcsFileSystem(endpoint_override=endpoint, scheme="http", project_id=GCS_PROJECT).create_dir(name)
+    return f"gs://{name}/runs?endpoint_override={endpoint}&scheme=http"
+
 
 
 # A head node with no CPUs (driver, Ray Train's controller and the relay live there, no worker does).

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,9 @@ import pytest
 from conftest import TINY_PRETRAIN
 from faults import wait_for
 from object_store import CREDENTIALS, new_bucket, s3_server
+from ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_ports(n: int) -> list:
-    sockets = [socket.socket() for _ in range(n)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def head(tmp_path_factory):
     """A Ray head started the way a cluster admin would (``ray start --head``), on loopback, with token auth;
     its processes form one process group that the fixture ends (never ``ray stop``: other clusters run here)."""
     home = tmp_path_factory.mktemp("head")
-    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
     token = home / "auth_token"
     token.write_text("raylm-test-token-" + os.urandom(8).hex())
     env = {

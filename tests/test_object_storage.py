@@ -21,6 +21,7 @@ import pytest
 from conftest import TINY_PRETRAIN, one_line_error
 from faults import wait_for
 from object_store import TwoNodeCluster, new_bucket, s3_server
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -189,11 +190,7 @@ def test_a_store_that_cannot_hold_the_run_is_refused_before_anything_starts(endp
 def checking_endpoint(tmp_path_factory):
     """An S3 server (moto's, in its own process) that checks credentials after its first two requests: the probe that
     it is up (one request answered) and the one that makes the bucket."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)], stdout=out,

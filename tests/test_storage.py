@@ -1,4 +1,4 @@
-"""raylm.storage and stored checkpoints against a real S3 server (moto's) on 127.0.0.1, without Ray."""
+"""raylm.storage and stored checkpoints against real object stores on 127.0.0.1 (an S3 server, a GCS server), without Ray."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ import pickle
 
 import pytest
 
-from object_store import CREDENTIALS, new_bucket, s3_server
+from object_store import CREDENTIALS, gcs_server, new_bucket, new_gcs_bucket, s3_server
+
+STORES = {"s3": (s3_server, new_bucket), "gs": (gcs_server, new_gcs_bucket)}
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    with s3_server() as url:
-        yield url
+@pytest.fixture(scope="module", params=sorted(STORES))
+def new_runs(request):
+    """Makes a fresh bucket on a running server of one kind (every test runs on each) and returns its runs URI."""
+    server, bucket = STORES[request.param]
+    with server() as endpoint:
+        yield lambda: bucket(endpoint)
 
 
 @pytest.fixture
-def runs(endpoint):
-    return new_bucket(endpoint)
+def runs(new_runs):
+    return new_runs()
 
 
 @pytest.fixture
@@ -135,11 +139,17 @@ def test_stored_checkpoints_are_verified_by_size_and_fetched_per_rank_with_their
 
 
 def test_no_credential_travels_with_a_store(runs):
+    import os
+
     from raylm.storage import Store
 
     store = Store(runs)
     shipped = pickle.dumps(store) + pickle.dumps(store.fs) + store.uri.encode()
-    assert not any(value.encode() in shipped for value in CREDENTIALS.values() if value != "us-east-1")
+    secrets = [value for value in CREDENTIALS.values() if value != "us-east-1"]
+    if runs.startswith("gs://"):
+        key = json.loads(open(os.environ["GOOGLE_APPLICATION_CREDENTIALS"]).read())["private_key"]
+        secrets = [os.environ["GOOGLE_APPLICATION_CREDENTIALS"], key.splitlines()[1]]
+    assert not any(value.encode() in shipped for value in secrets)
     assert json.dumps(store.display()).count("endpoint_override") == 0
 
 
