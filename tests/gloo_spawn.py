@@ -54,6 +54,18 @@ def train_runs(rank: int, world_size: int, root: Path, runs: Dict[str, List[str]
         train_stage_on_rank(root / name, load_config("tiny", overrides), rank)
 
 
+def resume_on_rank(rank: int, world_size: int, run_dir: Path, overrides: List[str]) -> None:
+    """What `raylm resume <run> --set ...` does, on this gloo rank: rank 0 saves the changed config, every rank
+    continues the first stage from its last checkpoint."""
+    from raylm.launcher.resume import with_resume_overrides
+    from raylm.trainer import run_dir as rundir
+
+    if rank == 0:
+        rundir.save_config(run_dir, with_resume_overrides(rundir.load(run_dir), overrides))
+    dist.barrier()
+    train_saved_stage(run_dir)
+
+
 def train_saved_stage(run_dir: Path) -> None:
     """The first stage of the run whose config is in ``run_dir`` on this gloo rank: from its last checkpoint, if
     it has one (what a restart does)."""

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, forget_after, launch_in_process, losses, read_metrics, resume_in_process
-from gloo_spawn import run_on_gloo
+from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, forget_after, losses, read_metrics
+from gloo_spawn import resume_on_rank, run_on_gloo, train_runs
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.trainer import run_dir as rundir
 from raylm.trainer.session import LocalSession
@@ -38,8 +38,9 @@ def _layout_free_params(step_dir):
 
 
 @pytest.mark.timeout(600)
-def test_bf16_zero0_checkpoints_resumes_and_hands_on_fp32_masters(ray_cluster, tmp_path):
-    run_dir = launch_in_process(tmp_path, "bf16", BF16_ZERO0)
+def test_bf16_zero0_checkpoints_resumes_and_hands_on_fp32_masters(tmp_path):
+    run_on_gloo(train_runs, 2, tmp_path, {"bf16": BF16_ZERO0})
+    run_dir = tmp_path / "bf16"
     final = _final(run_dir)
     masters = _layout_free_params(run_dir / "pretrain" / "step_0000005")
     assert final.keys() == masters.keys()
@@ -54,7 +55,7 @@ def test_bf16_zero0_checkpoints_resumes_and_hands_on_fp32_masters(ray_cluster, t
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
     forget_after(resumed, 3)
-    resume_in_process(resumed, ["parallel.zero_stage=1"])
+    run_on_gloo(resume_on_rank, 2, resumed, ["parallel.zero_stage=1"])
     assert [r["step"] for r in read_metrics(resumed, kind="event") if r.get("event") == "resharded"] == [3]
     assert losses(resumed) == losses(run_dir)
     again = _final(resumed)

@@ -131,6 +131,25 @@ def test_rerun_is_a_no_op_and_a_changed_input_re_tokenizes_only_its_shard(byte, 
     assert not any(name.startswith(a_shard) for name in _mtimes(out))
 
 
+def test_inputs_are_tokenized_largest_first_and_the_manifest_keeps_their_order(byte, tmp_path):
+    from raylm.data.prepare import run_here
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, size in (("a.txt", 10), ("b.txt", 300), ("c.txt", 40), ("d.txt", 2000)):
+        (corpus / name).write_text("x" * size)
+    inputs = source_inputs([str(corpus)])
+    handed = []
+
+    def recording(fn, jobs):
+        handed.extend(Path(job.input).name for job in jobs)
+        return run_here()(fn, jobs)
+
+    manifest = prepare(inputs, tmp_path / "out", byte, runner=recording)
+    assert handed == ["d.txt", "b.txt", "c.txt", "a.txt"]
+    assert [r["tokens"] for r in manifest["shards"]] == [11, 301, 41, 2001]  # the byte tokenizer: a token per byte, and the end
+
+
 def test_data_source_can_be_a_prepared_directory(byte, tmp_path):
     write_corpus(tmp_path / "corpus")
     assert main(["data", "prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "prepared"), "--workers", "1", "--vocab-size", "300"]) == 0

@@ -232,7 +232,8 @@ def prepare(
         records.append(record)
         if record is not None and on_shard_done:
             on_shard_done(record, True)
-    todo = [i for i, record in enumerate(records) if record is None]
+    # Largest first: the cluster's last task is then a small one, not a large file tokenizing alone on one core.
+    todo = sorted((i for i, record in enumerate(records) if record is None), key=lambda i: -_input_bytes(inputs[i]))
     if todo:
         invalidate(out_dir, MANIFEST)
         tokenizer_json = tokenizer.hf.to_str()
@@ -261,6 +262,11 @@ def prepare(
     if read_meta(out_dir, MANIFEST) != manifest:
         write_meta(out_dir, manifest, name=MANIFEST)
     return manifest
+
+
+def _input_bytes(input_: str) -> int:
+    path = Path(input_)
+    return path.stat().st_size if path.is_file() else 0
 
 
 def read_manifest(out_dir: Path) -> Dict[str, Any]:
