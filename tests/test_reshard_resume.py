@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from conftest import assert_same_training, forget_after, read_metrics, resume_in_process
+from conftest import assert_same_training, forget_after, read_metrics
+from gloo_spawn import resume_on_rank, run_on_gloo
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,8 @@ def test_resume_on_another_layout_trains_as_one_worker(single_worker, request, t
     run_dir = tmp_path / "relayout"
     shutil.copytree(request.getfixturevalue(source), run_dir)
     forget_after(run_dir, 3)
-    resume_in_process(run_dir, then)
+    # The resume's ranks on gloo (the per-rank code Ray runs; no worker group to start).
+    run_on_gloo(resume_on_rank, int(next(o for o in then if o.startswith("cluster.num_workers=")).split("=")[1]), run_dir, then)
 
     resharded = [r for r in read_metrics(run_dir, kind="event") if r.get("event") == "resharded"]
     assert len(resharded) == 1 and resharded[0]["step"] == 3
