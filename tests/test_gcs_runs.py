@@ -6,7 +6,6 @@ and is served from the bucket, and that a GCS store's mistakes get their one lin
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -57,8 +56,6 @@ def test_a_run_in_gcs_trains_checkpoints_and_is_served_from_the_bucket(endpoint,
     assert status.returncode == 0 and "finished" in status.stdout and "step_0000004" in status.stdout, status.stdout + status.stderr
     generated = _cli(["generate", run_uri, "--prompt", "The", "--max-new-tokens", "4"], fresh, tmp_path / "empty-cache")
     assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
-    evaluated = _cli(["eval", run_uri, "--max-batches", "2"], fresh, tmp_path / "empty-cache")
-    assert evaluated.returncode == 0 and json.loads(evaluated.stdout.strip().splitlines()[-1])["stage"] == "pretrain", evaluated.stderr
     assert not any(fresh.iterdir())
 
 
