@@ -29,8 +29,11 @@ FAULTY = [*TINY_PRETRAIN, "train.max_steps=20", "train.ckpt_every=4", "fault.max
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tmp_path_factory) -> Path:
-    return launch_in_process(tmp_path_factory.mktemp("ref"), "ref", FAULTY)
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference, trained by the same per-rank code on gloo (Ray's ranks give the same bits; no worker group to start)."""
+    root = tmp_path_factory.mktemp("ref")
+    run_on_gloo(train_runs, 2, root, {"ref": FAULTY})
+    return root / "ref"
 
 
 def _events(run_dir: Path, event: str):
@@ -86,7 +89,7 @@ def assert_restarts_resume_from_the_newest_checkpoint(run_dir: Path, ckpt_every:
     return restarts
 
 
-def test_killed_raising_and_hung_workers_restart_and_finish_identically(uninterrupted, tmp_path):
+def test_killed_raising_and_hung_workers_restart_and_finish_identically(ray_cluster, uninterrupted, tmp_path):
     """A SIGKILLed worker, then a worker that raises, then a SIGSTOPped one, each after the previous restart:
     three restarts, same result."""
     run_dir = tmp_path / "faulty"
@@ -138,7 +141,7 @@ def _stall_a_checkpoint_write(run_dir: Path, steps, rank: int = 1) -> int:
     raise AssertionError(f"rank {rank} wrote its RNG state of checkpoints {steps} before the test could stall it")
 
 
-def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoint(uninterrupted, tmp_path):
+def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoint(ray_cluster, uninterrupted, tmp_path):
     """With train.async_checkpoint, one rank's write of a checkpoint stalls while training goes on past it; that
     rank is then SIGKILLed. The checkpoint never committed: the restart skips it, resumes from the one before, and
     the run ends as the uninterrupted (synchronous) one did."""
