@@ -148,13 +148,6 @@ def single_worker(ray_cluster, tmp_path_factory) -> Path:
         *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "stages.0.eval_tasks=raylm_pydoc_topic"])
 
 
-@pytest.fixture(scope="session")
-def untied_single_worker(ray_cluster, tmp_path_factory) -> Path:
-    """The reference for an untied output head (the 1.3b preset's kind)."""
-    return launch_in_process(tmp_path_factory.mktemp("untied"), "untied", [
-        *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "model.tie_embeddings=false"])
-
-
 # Runs that checkpoint at step 3 (and 5): parity tests check them, resharding tests continue them elsewhere.
 CHECKPOINT_AT_3 = [*TINY_PRETRAIN, "train.ckpt_every=3"]
 
