@@ -105,11 +105,15 @@ class Store:
         selector = pyarrow.fs.FileSelector(top, recursive=True, allow_not_found=True)
         return {info.path[len(top) + 1 :]: info.size for info in self.fs.get_file_info(selector) if info.type == pyarrow.fs.FileType.File}
 
+    @property
+    def on_gcs(self) -> bool:
+        return self.fs.type_name == "gcs"
+
     def subdirs(self, rel: str = "") -> list:
         """Names of the directories right below ``rel``."""
         import pyarrow.fs
 
-        if self.fs.type_name == "gcs":
+        if self.on_gcs:
             # pyarrow lists a GCS "directory" only where a marker object names it, and most of raylm's have none
             # (files are written by path): take them from the files below instead.
             return sorted({name.partition("/")[0] for name in self.files(rel) if "/" in name})
@@ -208,7 +212,7 @@ def open_store(uri: str, key: str = "runs_dir") -> Store:
     try:
         return Store(uri)
     except Exception as err:  # pyarrow's ArrowInvalid for an unknown query parameter or a malformed URI
-        example = ("gs://bucket/prefix, or ?endpoint_override=host:port&scheme=http for a GCS-compatible server" if uri.startswith("gs")
+        example = ("gs://bucket/prefix, or ?endpoint_override=host:port&scheme=http for a GCS-compatible server" if uri.lower().startswith(("gs://", "gcs://"))
                    else "S3-compatible stores: s3://bucket/prefix?endpoint_override=http://host:port")
         raise UserError(f"{key}={uri}: {first_line(err)}; fix the URI ({example})") from None
 
@@ -220,7 +224,7 @@ PROBE_RETRY_S = 20
 def check_writable(store: Store, key: str = "runs_dir") -> None:
     """Write and delete a probe object: an unreachable endpoint, a missing bucket or refused credentials stop here."""
     probe = f".raylm-probe-{uuid.uuid4().hex[:12]}"
-    if store.base.startswith(("gs://", "gcs://")) and "retry_limit_seconds" not in store.query:
+    if store.on_gcs and "retry_limit_seconds" not in store.query:
         store = Store(f"{store.uri}{'&' if store.query else '?'}retry_limit_seconds={PROBE_RETRY_S}")
     try:
         store.write_bytes(probe, b"")
@@ -236,12 +240,11 @@ AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_
 
 def _store_problem(err: Exception, store: Store) -> str:
     lowered = str(err).lower()
-    google = store.base.startswith(("gs://", "gcs://"))
     # GCS answers an upload into a missing bucket with a bare 404, and the probe's own name cannot be missing.
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "not found" in lowered and "bucket" in lowered \
-            or google and "not_found" in lowered:
+            or store.on_gcs and "not_found" in lowered:
         return "the bucket does not exist; create it first"
-    if google and "oauth2 access token" in lowered:  # no key file, no metadata server: the client never sent the request
+    if store.on_gcs and "oauth2 access token" in lowered:  # no key file, no metadata server: the client never sent the request
         return ("this machine has no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, "
                 "or run where the machine's service account has access")
     if any(s in lowered for s in ("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch", "signature_does_not_match",
