@@ -24,25 +24,34 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raylm-test", "AWS_SECRET_ACCESS_KEY": "rayl
 
 
 @contextmanager
+def _environment(settings: Dict[str, str]) -> Iterator[None]:
+    """``settings`` in this process's environment (where the stores' clients look for credentials), restored after."""
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def s3_server() -> Iterator[str]:
     """Yields ``http://127.0.0.1:PORT`` of a running S3 server; credentials for it are in this process's environment."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    saved = {key: os.environ.get(key) for key in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _environment(CREDENTIALS):
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
 
 
 def new_bucket(endpoint: str) -> str:
@@ -85,20 +94,13 @@ def gcs_server() -> Iterator[str]:
         port = free_port()
         with open(Path(keys) / "server.log", "w") as log:
             server = subprocess.Popen([sys.executable, "-c", GCS_SERVER_SCRIPT, str(port)], stdout=log, stderr=subprocess.STDOUT)
-        settings = {"GOOGLE_APPLICATION_CREDENTIALS": str(account), "GOOGLE_CLOUD_PROJECT": GCS_PROJECT}
-        saved = {name: os.environ.get(name) for name in settings}
-        os.environ.update(settings)
         try:
-            _wait_until_listening(port, server, Path(keys) / "server.log")
-            yield f"127.0.0.1:{port}"
+            with _environment({"GOOGLE_APPLICATION_CREDENTIALS": str(account), "GOOGLE_CLOUD_PROJECT": GCS_PROJECT}):
+                _wait_until_listening(port, server, Path(keys) / "server.log")
+                yield f"127.0.0.1:{port}"
         finally:
             server.terminate()
             server.wait(timeout=30)
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def _wait_until_listening(port: int, server: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
@@ -122,7 +124,6 @@ def new_gcs_bucket(endpoint: str) -> str:
     name = f"raylm-{uuid.uuid4().hex[:8]}"
     pyarrow.fs.GcsFileSystem(endpoint_override=endpoint, scheme="http", project_id=GCS_PROJECT).create_dir(name)
     return f"gs://{name}/runs?endpoint_override={endpoint}&scheme=http"
-
 
 
 # A head node with no CPUs (driver, Ray Train's controller and the relay live there, no worker does).
