@@ -19,23 +19,9 @@ from typing import Dict, Iterator, List
 import psutil
 
 from ports import free_port
+from raylm.environment import environment
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "raylm-test", "AWS_SECRET_ACCESS_KEY": "raylm-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@contextmanager
-def _environment(settings: Dict[str, str]) -> Iterator[None]:
-    """``settings`` in this process's environment (where the stores' clients look for credentials), restored after."""
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextmanager
@@ -44,7 +30,7 @@ def s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    with _environment(CREDENTIALS):
+    with environment(CREDENTIALS):
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
@@ -95,7 +81,7 @@ def gcs_server() -> Iterator[str]:
         with open(Path(keys) / "server.log", "w") as log:
             server = subprocess.Popen([sys.executable, "-c", GCS_SERVER_SCRIPT, str(port)], stdout=log, stderr=subprocess.STDOUT)
         try:
-            with _environment({"GOOGLE_APPLICATION_CREDENTIALS": str(account), "GOOGLE_CLOUD_PROJECT": GCS_PROJECT}):
+            with environment({"GOOGLE_APPLICATION_CREDENTIALS": str(account), "GOOGLE_CLOUD_PROJECT": GCS_PROJECT}):
                 _wait_until_listening(port, server, Path(keys) / "server.log")
                 yield f"127.0.0.1:{port}"
         finally:

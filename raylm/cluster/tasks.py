@@ -7,9 +7,9 @@ line, not per document.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator, Sequence, Tuple
 
+from raylm.environment import environment
 from raylm.errors import UserError
 
 TASK_ENV = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -23,16 +23,8 @@ is read at every ``encode_batch`` call, so ``false`` makes it serial whenever se
 
 def _on_one_core(fn: Callable[[Any], Any], item: Any) -> Any:
     """``fn(item)`` with TASK_ENV in the environment, which is restored afterwards (the worker may run other work)."""
-    saved = {key: os.environ.get(key) for key in TASK_ENV}
-    os.environ.update(TASK_ENV)
-    try:
+    with environment(TASK_ENV):
         return fn(item)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def map_unordered(fn: Callable[[Any], Any], items: Sequence[Any], max_in_flight: int) -> Iterator[Tuple[int, Any]]:
