@@ -41,6 +41,15 @@ def test_sizes_that_would_overrun_the_budget_are_skipped(one_thread):
     assert time.perf_counter() - began < 2.0  # the 0.2 s budget, with room for a loaded machine
 
 
+def test_measuring_leaves_the_global_generators_alone(one_thread):
+    """How many sizes fit the budget depends on the machine: draws from the global generator would make the
+    training after it, and the RNG state its checkpoints hold, depend on the machine's speed."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    measured_peak(CPU, torch.float32, sizes=(16, 32), budget_s=0.05)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_configured_peak_is_used_as_given():
     peak = configured_peak(312.0)
     assert peak.flops == 312e12 and peak.source == "logging.mfu_peak_tflops"

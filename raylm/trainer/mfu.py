@@ -72,8 +72,11 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
     The fastest round, not the mean: on shared cores other processes only
     ever slow a round down, and the peak is what the hardware can do.
     """
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # Its own generator: how many sizes fit the budget depends on the machine's speed, and draws from the global one
+    # would make the training that follows (and its checkpoints' RNG state) depend on it too.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     per_round = max(1, math.ceil(ROUND_S / _timed_products(a, b, 1)))
     best = min(_timed_products(a, b, per_round) / per_round for _ in range(ROUNDS))
     return 2 * size**3 / best
