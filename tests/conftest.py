@@ -29,6 +29,9 @@ TINY_PRETRAIN = [
     "model.max_seq_len=64",
     "logging.wandb.mode=disabled",
     "logging.progress=false",
+    # Not measured at every stage start (a second of both cores per rank, hundreds of starts in the suite);
+    # `single_worker` measures it, for the MFU tests.
+    "logging.mfu_peak_tflops=1.0",
     # The same arithmetic on every machine: a GPU would otherwise switch the suite to bf16 and NCCL.
     "train.precision=fp32",
     "cluster.use_gpu=false",
@@ -143,9 +146,11 @@ def forget_after(run_dir: Path, step: int, stage: str = "pretrain") -> None:
 
 @pytest.fixture(scope="session")
 def single_worker(ray_cluster, tmp_path_factory) -> Path:
-    """The reference every layout must reproduce: one worker, no sharding; it scores one lm-eval task when it ends."""
+    """The reference every layout must reproduce: one worker, no sharding; it scores one lm-eval task when it ends
+    and measures its matmul peak."""
     return launch_in_process(tmp_path_factory.mktemp("single"), "single", [
-        *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "stages.0.eval_tasks=raylm_pydoc_topic"])
+        *TINY_PRETRAIN, "cluster.num_workers=1", "parallel.zero_stage=0", "stages.0.eval_tasks=raylm_pydoc_topic",
+        "logging.mfu_peak_tflops=null"])
 
 
 # Runs that checkpoint at step 3 (and 5): parity tests check them, resharding tests continue them elsewhere.

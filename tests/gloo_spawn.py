@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -13,7 +14,17 @@ import torch.multiprocessing as mp
 from ports import free_port
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+# Ranks are forked from one server process that has imported these once per test session: a fresh interpreter
+# spends ~6-9 s of CPU importing torch, DeepSpeed and raylm's per-rank code, which on the suite's two cores
+# was most of a parity test's time.
+PRELOADED = ["torch", "deepspeed", "raylm.trainer.worker", "raylm.trainer.session"]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, environ: Dict[str, str], cwd: str, args: tuple) -> None:
+    # The server was started once, so a rank takes the caller's environment and directory as a spawned one would.
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     torch.set_num_threads(1)  # several ranks share the test machine's cores
     # What Ray Train and torchrun export, on loopback; DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -24,12 +35,16 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         dist.destroy_process_group()
 
 
-def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any, fresh_interpreters: bool = False) -> None:
     """Call ``fn(rank, world_size, *args)`` on every rank; a failure on any rank fails the caller.
 
-    ``fn`` must be a module-level function (the ranks are fresh interpreters).
+    ``fn`` must be a module-level function (it reaches the ranks by name). ``fresh_interpreters`` starts each rank
+    as a new interpreter instead of forking it: for measuring a rank's memory, which a forked rank's inherited
+    heap and C library settings would blur.
     """
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+    multiprocessing.set_forkserver_preload(PRELOADED)
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), dict(os.environ), os.getcwd(), args), nprocs=world_size,
+                       join=True, start_method="spawn" if fresh_interpreters else "forkserver")
 
 
 def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:

@@ -70,7 +70,8 @@ def build_peaks(world_size: int, layouts: Sequence[Sequence[str]], init_from: Op
     ``weights_mib`` (the weights it holds). Several layouts share the ranks' processes, one after the other,
     under a fixed mmap threshold; a single layout runs with the C library's defaults, as a training rank does."""
     with tempfile.TemporaryDirectory() as out, (_freed_memory_leaves() if len(layouts) > 1 else nullcontext()):
-        run_on_gloo(_build, world_size, [list(layout) for layout in layouts], str(init_from) if init_from else None, out)
+        run_on_gloo(_build, world_size, [list(layout) for layout in layouts], str(init_from) if init_from else None, out,
+                    fresh_interpreters=True)
         per_rank = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world_size)]
     return [[ranks[index] for ranks in per_rank] for index in range(len(layouts))]
 
@@ -102,5 +103,5 @@ def _step(rank: int, world_size: int, overrides: Sequence[str], bf16: bool, out:
 def step_peaks(world_size: int, overrides: Sequence[str], bf16: bool = False) -> List[float]:
     """Per tensor rank (world_size = tp, pp = 1): the host memory one micro-batch's forward and backward adds at its peak."""
     with tempfile.TemporaryDirectory() as out, _freed_memory_leaves():
-        run_on_gloo(_step, world_size, list(overrides), bf16, out)
+        run_on_gloo(_step, world_size, list(overrides), bf16, out, fresh_interpreters=True)
         return [json.loads(Path(out, f"rank{rank}.json").read_text())["peak_mib"] for rank in range(world_size)]

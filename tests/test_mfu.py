@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from raylm.trainer.mfu import configured_peak, measured_peak, mfu
+from raylm.trainer.mfu import configured_peak, matmul_rate, measured_peak, mfu
 
 CPU = torch.device("cpu")
 
@@ -46,8 +46,16 @@ def test_measuring_leaves_the_global_generators_alone(one_thread):
     training after it, and the RNG state its checkpoints hold, depend on the machine's speed."""
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    measured_peak(CPU, torch.float32, sizes=(16, 32), budget_s=0.05)
+    matmul_rate(CPU, torch.float32, 32)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_process_measures_once_per_thread_count(one_thread):
+    """A worker group's later stages reuse the first one's peak; another thread count is another ceiling."""
+    first = measured_peak(CPU, torch.float32, sizes=(48,), budget_s=0.05)
+    assert measured_peak(CPU, torch.float32, sizes=(48,), budget_s=0.05) is first
+    torch.set_num_threads(2)
+    assert measured_peak(CPU, torch.float32, sizes=(48,), budget_s=0.05) is not first
 
 
 def test_a_configured_peak_is_used_as_given():

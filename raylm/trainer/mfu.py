@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,9 +55,16 @@ def measured_peak(device: torch.device, dtype: torch.dtype, sizes: Optional[Sequ
     meaningful on a CPU where no datasheet peak applies. Every rank runs this
     at stage start, so it is bounded: the smallest size always runs, a larger
     one only if its products, timed at the best rate so far (larger products
-    are rarely slower per FLOP), fit what is left of ``budget_s``.
+    are rarely slower per FLOP), fit what is left of ``budget_s``. A process
+    measures each (device, dtype, thread count, sizes) once: the later stages
+    of a worker group reuse what the first measured.
     """
-    sizes = sorted(sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES))
+    chosen = tuple(sorted(sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)))
+    return _measured_once(device, dtype, chosen, budget_s, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_once(device: torch.device, dtype: torch.dtype, sizes: Tuple[int, ...], budget_s: float, threads: int) -> Peak:
     deadline = time.perf_counter() + budget_s
     rates: Dict[int, float] = {}
     for size in sizes:
