@@ -141,7 +141,18 @@ def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_generate_eval_and_export_from_the_cli(default_run, tmp_path):
+def _cli_here(capsys, *args):
+    """(exit code, stdout, stderr) of the CLI run in this process: the same entry point as ``_cli`` without an
+    interpreter's start and imports per command (the launch and the resume run as processes)."""
+    from raylm.launcher.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,21 +161,21 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path):
     from raylm.launcher.inference import generate_text
 
     prompt = "What is a lambda?"
-    generated = _cli("generate", str(default_run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0", cwd=tmp_path)
-    assert generated.returncode == 0, generated.stderr
+    code, generated, err = _cli_here(capsys, "generate", str(default_run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0")
+    assert code == 0, err
     # The sft stage's greedy answer, exactly as raylm computes it in process (the chat template hides the prompt).
     greedy = "".join(generate_text(load_stage(default_run), prompt, max_new_tokens=8, temperature=0, top_k=None, top_p=None, seed=0))
-    assert generated.stdout == greedy + "\n"
+    assert generated == greedy + "\n"
 
-    evaluated = _cli("eval", str(default_run), "--stage", "pretrain", cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
-    result = json.loads(evaluated.stdout)
+    code, evaluated, err = _cli_here(capsys, "eval", str(default_run), "--stage", "pretrain")
+    assert code == 0, err
+    result = json.loads(evaluated)
     assert result["stage"] == "pretrain" and result["sequences"] > 0
     assert result["loss"] < math.log(1024) and result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
     out = tmp_path / "hf"
-    exported = _cli("export", str(default_run), "--format", "hf", "--out", str(out), cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr
+    code, _, err = _cli_here(capsys, "export", str(default_run), "--format", "hf", "--out", str(out))
+    assert code == 0, err
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
     sft = load_stage(default_run)
@@ -174,8 +185,8 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path):
     with torch.no_grad():
         rel = worst_case(longest_reduction(sft.model_cfg, tokens.numel())) * model_depth(sft.model_cfg)
         assert_close(hf_model(tokens).logits, sft.model(tokens), "transformers vs raylm logits", rel)
-    again = _cli("export", str(default_run), "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    code, _, err = _cli_here(capsys, "export", str(default_run), "--out", str(out))
+    assert code == 2 and "not empty" in err
 
 
 def test_resume_never_reruns_a_finished_stage(default_run):
