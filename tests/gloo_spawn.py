@@ -16,8 +16,9 @@ from ports import free_port
 
 # Ranks are forked from one server process that has imported these once per test session: a fresh interpreter
 # spends ~6-9 s of CPU importing torch, DeepSpeed and raylm's per-rank code, which on the suite's two cores
-# was most of a parity test's time.
-PRELOADED = ["torch", "deepspeed", "raylm.trainer.worker", "raylm.trainer.session"]
+# was most of a parity test's time. torch._dynamo (~1.6 s more) is what a rank's first model build imports (torch
+# initialises a module's weights on `meta` through a function wrapped for torch.compile).
+PRELOADED = ["torch", "deepspeed", "torch._dynamo", "raylm.trainer.worker", "raylm.trainer.session"]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, environ: Dict[str, str], cwd: str, args: tuple) -> None:
