@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -40,13 +40,21 @@ TINY_SETTINGS = [item for item in TINY_PRETRAIN if not item.startswith("stages")
 """TINY_PRETRAIN without its one stage: for tests that give their own ``stages``."""
 
 
-def one_line_error(capsys, *args: str) -> str:
-    """Run the CLI in this process (what ``python -m raylm.launcher.cli`` exits with); it must exit 2
-    with one 'raylm: error:' line, which is returned. Any other exception escapes, as a traceback would."""
+def cli_here(capsys, *args: str) -> Tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the CLI run in this process: what ``python -m raylm.launcher.cli`` exits
+    with and prints, without an interpreter's start and imports per command."""
     from raylm.launcher.cli import main
 
+    capsys.readouterr()
     code = main(list(args))
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """Run the CLI in this process; it must exit 2 with one 'raylm: error:' line, which is returned. Any other
+    exception escapes, as a traceback would."""
+    code, _, err = cli_here(capsys, *args)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raylm: error: "), err

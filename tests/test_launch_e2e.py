@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_here
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -141,17 +142,6 @@ def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def _cli_here(capsys, *args):
-    """(exit code, stdout, stderr) of the CLI run in this process: the same entry point as ``_cli`` without an
-    interpreter's start and imports per command (the launch and the resume run as processes)."""
-    from raylm.launcher.cli import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,20 +151,20 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     from raylm.launcher.inference import generate_text
 
     prompt = "What is a lambda?"
-    code, generated, err = _cli_here(capsys, "generate", str(default_run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0")
+    code, generated, err = cli_here(capsys, "generate", str(default_run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0")
     assert code == 0, err
     # The sft stage's greedy answer, exactly as raylm computes it in process (the chat template hides the prompt).
     greedy = "".join(generate_text(load_stage(default_run), prompt, max_new_tokens=8, temperature=0, top_k=None, top_p=None, seed=0))
     assert generated == greedy + "\n"
 
-    code, evaluated, err = _cli_here(capsys, "eval", str(default_run), "--stage", "pretrain")
+    code, evaluated, err = cli_here(capsys, "eval", str(default_run), "--stage", "pretrain")
     assert code == 0, err
     result = json.loads(evaluated)
     assert result["stage"] == "pretrain" and result["sequences"] > 0
     assert result["loss"] < math.log(1024) and result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
     out = tmp_path / "hf"
-    code, _, err = _cli_here(capsys, "export", str(default_run), "--format", "hf", "--out", str(out))
+    code, _, err = cli_here(capsys, "export", str(default_run), "--format", "hf", "--out", str(out))
     assert code == 0, err
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
@@ -185,7 +175,7 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     with torch.no_grad():
         rel = worst_case(longest_reduction(sft.model_cfg, tokens.numel())) * model_depth(sft.model_cfg)
         assert_close(hf_model(tokens).logits, sft.model(tokens), "transformers vs raylm logits", rel)
-    code, _, err = _cli_here(capsys, "export", str(default_run), "--out", str(out))
+    code, _, err = cli_here(capsys, "export", str(default_run), "--out", str(out))
     assert code == 2 and "not empty" in err
 
 
