@@ -46,6 +46,15 @@ def latest_step(run_dir: Path, stage: str = "pretrain") -> int:
     return max(steps, default=0)
 
 
+def committed_step(run_dir: Path, stage: str = "pretrain") -> int:
+    """The newest checkpoint step whose manifest the ranks have committed: their own progress, which the driver's
+    records (relayed through Ray) can trail by several steps on a loaded machine."""
+    from raylm.trainer.checkpoint import MANIFEST, STEP_DIR, step_dirs
+
+    committed = (p for p in step_dirs(run_dir / stage) if (p / MANIFEST).exists())
+    return next((int(STEP_DIR.match(p.name).group(1)) for p in committed), 0)
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300, poll_s: float = 0.05) -> None:
     """Poll ``condition`` until it holds; a test fails loudly, naming ``what``, once ``timeout`` has passed."""
     deadline = time.time() + timeout

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
-from faults import latest_step, signal_worker, wait_for, when_step_reached, worker_pids
+from faults import committed_step, latest_step, signal_worker, wait_for, when_step_reached, worker_pids
 from gloo_spawn import run_on_gloo, train_runs
 from raylm.trainer.checkpoint import MANIFEST, read_state, step_dir_name, step_dirs, verify
 
@@ -229,7 +229,10 @@ def test_killed_driver_resumes_past_a_corrupted_checkpoint(uninterrupted, tmp_pa
     overrides = [o for o in FAULTY if not o.startswith("logging.wandb")] + ["logging.wandb.mode=offline"]
     run_dir = tmp_path / "runs" / "driver"
     driver = _raylm("launch", "--name", "driver", *overrides, cwd=tmp_path)
-    wait_for(lambda: latest_step(run_dir) >= 10 or driver.poll() is not None, "step 10", timeout=600)
+    # Watched on the ranks' own output (the driver's records of step 10 may come when the ranks are near the end),
+    # once the driver has written records (its W&B run has started by then).
+    wait_for(lambda: (committed_step(run_dir) >= 8 and latest_step(run_dir) >= 1) or driver.poll() is not None,
+             "checkpoint 8 and the driver's first records", timeout=600)
     assert driver.poll() is None, driver.communicate()[1][-2000:]
     # The ranks are frozen first: Ray ends them only once it has noticed the driver's death, and in that time
     # they could finish the stage (ten more steps of this tiny model take a second or two).
