@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import cli_here
 from numerics import longest_reduction, model_depth, worst_case
 
 from raylm.configs.loader import load_config, resolve_stage
@@ -299,8 +300,9 @@ def test_the_seed_decides_a_sample(finished, capsys):
            "--top-k", "100"]
 
     def sample(seed: str) -> str:  # in this process: three interpreter starts would be most of the test's time
-        assert main([*hot, "--seed", seed]) == 0
-        return capsys.readouterr().out
+        code, out, err = cli_here(capsys, *hot, "--seed", seed)
+        assert code == 0, err
+        return out
 
     first = sample("7")
     assert first != prompt + greedy(load_stage(finished, "pretrain"), prompt, 12) + "\n"
