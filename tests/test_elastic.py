@@ -85,7 +85,7 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
             launch = subprocess.Popen(
                 [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "elastic", "--address", address, *TINY_PRETRAIN,
                  "train.max_steps=60", "train.ckpt_every=4", "cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2",
-                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=20", "fault.max_failures=6"],
+                 "cluster.elastic_check_s=2", "cluster.placement_timeout_s=5", "fault.max_failures=6"],
                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
             starts = lambda: [r["world_size"] for r in read_metrics(run_dir, kind="start")] if (run_dir / "metrics.jsonl").exists() else []

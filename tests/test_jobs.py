@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def head(tmp_path_factory):
     yield address, client_env
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=10)  # a clean stop; past that (it took 30 s on 2 cores) nothing here needs one
+        process.wait(timeout=5)  # a clean stop; past that (it took 30 s on 2 cores) nothing here needs one
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -98,8 +99,8 @@ def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, 
              "the long job's first complete checkpoint in the bucket", timeout=400, poll_s=0.5)
     stopped = raylm("stop", first, env=env, cwd=tmp_path)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout, stopped.stderr
-    wait_for(lambda: f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr, "the job to stop",
-             timeout=400, poll_s=0.5)  # each look is a `raylm logs` process
+    wait_for(lambda: _job_status(address, env, first) == "STOPPED", "the job to stop", timeout=400, poll_s=0.5)
+    assert f"job {first} is STOPPED" in raylm("logs", first, env=env, cwd=tmp_path).stderr
     assert not run.is_dir("pretrain/final")
 
     # The relaunch finishes: its logs end with the summary, its results are in the bucket.
@@ -122,6 +123,14 @@ def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, 
     # The dashboard address is not a cluster address for a launch: the error says what to use instead.
     misdirected = raylm("launch", "tiny", *overrides, env=env, cwd=tmp_path)
     assert misdirected.returncode == 2 and "raylm submit" in misdirected.stderr
+
+
+def _job_status(address: str, env: dict, job: str) -> str:
+    """The job's status from the Jobs REST API, in this process (a `raylm logs` process per look is a second of CPU)."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{address}/api/jobs/{job}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["status"]
 
 
 def _submit(env: dict, cwd: Path, *args: str) -> str:

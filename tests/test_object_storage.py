@@ -1,9 +1,9 @@
 """Runs in object storage with no shared disk: a real S3 server (moto) on 127.0.0.1, a worker node whose view
-of the driver's scratch directory is an empty tmpfs (its own mount namespace), the CLI in subprocesses.
+of the driver's scratch directory is an empty tmpfs (its own mount namespace), launches in CLI subprocesses.
 
 One run goes pretrain -> sft in the bucket; a second, pretrain only, has a worker SIGKILLed mid-stage, resumes
 from the bucket's checkpoint and must end with weights bitwise equal to the first run's pretrain stage. Then
-``status``, ``generate`` and ``export`` work on the run from a fresh directory with an empty cache.
+``status``, ``generate``, ``eval`` and ``export`` work on the run from a fresh directory with an empty cache.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import List
 
 import pytest
 
-from conftest import TINY_PRETRAIN, one_line_error
+from conftest import TINY_PRETRAIN, cli_here, one_line_error
 from faults import wait_for
 from object_store import TwoNodeCluster, new_bucket, s3_server
 from ports import free_port
@@ -80,7 +80,7 @@ def _view(runs_uri: str, name: str, env: dict) -> Path:
 
 
 @pytest.mark.timeout(900)
-def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpoint, scratch, env, tmp_path):
+def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpoint, scratch, env, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
     from raylm.storage import Store
@@ -141,24 +141,24 @@ def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpo
 
     local = tmp_path / "fresh"
     local.mkdir()
-    fresh_env = {**env, "RAYLM_CACHE": str(tmp_path / "empty-cache")}
     for name in ("whole/pretrain/final/model.safetensors", "killed/pretrain/final/model.safetensors"):
         store.download(name, local / name)
     expected, got = (load_file(str(local / name)) for name in ("whole/pretrain/final/model.safetensors", "killed/pretrain/final/model.safetensors"))
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
 
-    # The run is served from the bucket alone, on a machine that has never seen it.
+    # The run is served from the bucket alone, on a machine that has never seen it (the CLI in this process: these
+    # commands' subject is the bucket, not the process).
+    monkeypatch.chdir(local)
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "empty-cache"))
     run_uri = f"{runs.partition('?')[0]}/whole?{runs.partition('?')[2]}"
-    cli = lambda *args: subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=local, env=fresh_env,
-                                       capture_output=True, text=True, timeout=300)
-    status = cli("status", run_uri)
-    assert status.returncode == 0 and "finished" in status.stdout and "sft" in status.stdout, status.stdout + status.stderr
-    generated = cli("generate", run_uri, "--prompt", "The", "--max-new-tokens", "4")
-    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
-    evaluated = cli("eval", run_uri, "--stage", "pretrain", "--max-batches", "2")
-    assert evaluated.returncode == 0 and json.loads(evaluated.stdout.strip().splitlines()[-1])["stage"] == "pretrain", evaluated.stderr
-    exported = cli("export", run_uri, "--format", "hf", "--out", str(local / "hf"))
-    assert exported.returncode == 0, exported.stderr
+    code, out, err = cli_here(capsys, "status", run_uri)
+    assert code == 0 and "finished" in out and "sft" in out, out + err
+    code, out, err = cli_here(capsys, "generate", run_uri, "--prompt", "The", "--max-new-tokens", "4")
+    assert code == 0 and out.strip(), err
+    code, out, err = cli_here(capsys, "eval", run_uri, "--stage", "pretrain", "--max-batches", "2")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["stage"] == "pretrain", err
+    code, out, err = cli_here(capsys, "export", run_uri, "--format", "hf", "--out", str(local / "hf"))
+    assert code == 0, err
     assert (local / "hf" / "model.safetensors").is_file() and (local / "hf" / "tokenizer_config.json").is_file()
 
 
