@@ -62,16 +62,31 @@ def _listening(root) -> set:
     return found
 
 
-@pytest.fixture(scope="module")
-def watched_run(ray_cluster, tmp_path_factory):
-    """A 2-worker run on the embedded cluster, with every socket this process tree listened on while it ran."""
+def _titles(root) -> set:
+    """The process titles of ``root``'s descendants (Ray names an actor's process ``ray::<class>``)."""
     import psutil
 
-    root, seen, done = psutil.Process(), set(), threading.Event()
+    found = set()
+    for proc in root.children(recursive=True):
+        try:
+            found.add(proc.cmdline()[0])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def watched_run(ray_cluster, tmp_path_factory):
+    """A 2-worker run on the embedded cluster, with every socket this process tree listened on while it ran and
+    every process title it had."""
+    import psutil
+
+    root, seen, titles, done = psutil.Process(), set(), set(), threading.Event()
 
     def watch():
         while not done.wait(0.2):
             seen.update(_listening(root))
+            titles.update(_titles(root))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -81,14 +96,14 @@ def watched_run(ray_cluster, tmp_path_factory):
     finally:
         done.set()
         watcher.join()
-    return run_dir, seen
+    return run_dir, seen, titles
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_embedded_run_listens_on_loopback_only(watched_run):
     """The process-group store, gloo's pairs and Ray's servers: nothing reachable from another machine."""
-    run_dir, seen = watched_run
+    run_dir, seen, _ = watched_run
     exposed = sorted((ip, port, pid) for pid, ip, port in seen if not _is_loopback(ip))
     assert not exposed, f"listening beyond loopback (ip, port, pid): {exposed}"
     # The watch saw the run's process group, not only what listened before and after it.
@@ -101,9 +116,19 @@ def test_embedded_run_listens_on_loopback_only(watched_run):
 @pytest.mark.timeout(180)
 def test_process_group_timeout_is_the_hang_timeout(watched_run):
     """Read back from the live groups of a real Ray run: the default group and raylm's tp/dp/pp groups."""
-    run_dir, _ = watched_run
+    run_dir, _, _ = watched_run
     (start,) = read_metrics(run_dir, kind="start")
     assert start["pg_timeout_s"] == HANG_TIMEOUT_S
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_embedded_cluster_starts_no_preemption_watcher(watched_run):
+    """Nothing drains the one node an embedded cluster has: Ray Train's watcher for drains would be a process per
+    worker group start polling for nothing."""
+    _, _, titles = watched_run
+    assert {"ray::TrainController", "ray::RayTrainWorker"} <= titles, titles
+    assert not any(title.startswith("ray::PreemptionWatcher") for title in titles), titles
 
 
 def test_tp_groups_on_one_node_pass():

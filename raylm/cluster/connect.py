@@ -78,6 +78,9 @@ def start_or_connect(
     if ray.is_initialized():
         return describe(embedded=False)
     if address is None:
+        # Ray Train would start a watcher per worker group that polls for node drains (an autoscaler's or a cloud's
+        # notice); nothing drains the one node this process starts. Set before ray.init: the raylet inherits it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",  # never attach to some other cluster found on this machine
             num_cpus=local_cpus or os.cpu_count(),
