@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_PRETRAIN, launch_in_process, losses, read_metrics
+from conftest import TINY_PRETRAIN, cli_here, launch_in_process, losses, read_metrics
 from faults import committed_step, latest_step, signal_worker, wait_for, when_step_reached, worker_pids
 from gloo_spawn import run_on_gloo, train_runs
 from raylm.trainer.checkpoint import MANIFEST, read_state, step_dir_name, step_dirs, verify
@@ -225,7 +225,7 @@ def _raylm(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_killed_driver_resumes_past_a_corrupted_checkpoint(uninterrupted, tmp_path):
+def test_killed_driver_resumes_past_a_corrupted_checkpoint(ray_cluster, uninterrupted, tmp_path, capsys, monkeypatch):
     overrides = [o for o in FAULTY if not o.startswith("logging.wandb")] + ["logging.wandb.mode=offline"]
     run_dir = tmp_path / "runs" / "driver"
     driver = _raylm("launch", "--name", "driver", *overrides, cwd=tmp_path)
@@ -259,12 +259,12 @@ def test_killed_driver_resumes_past_a_corrupted_checkpoint(uninterrupted, tmp_pa
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
 
-    status = subprocess.run([sys.executable, "-m", "raylm.launcher.cli", "status", "driver"], cwd=tmp_path, capture_output=True, text=True)
-    assert status.returncode == 0 and "interrupted" in status.stdout
-
-    resumed = _raylm("resume", "driver", "--set", "train.log_every=1", cwd=tmp_path)
-    out, err = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, err[-3000:]
+    # The dead driver's run is looked at and resumed by the CLI in this process, on the session's cluster.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli_here(capsys, "status", "driver")
+    assert code == 0 and "interrupted" in out, out + err
+    code, out, err = cli_here(capsys, "resume", "driver", "--set", "train.log_every=1")
+    assert code == 0, err[-3000:]
     # Workers frozen mid-save leave a newer step directory without a manifest; it is skipped before the corrupted one.
     skipped = {event["path"]: event["reason"] for event in _events(run_dir, "skipped_checkpoint")}
     assert "sha256" in skipped.pop(str(newest))
