@@ -138,10 +138,6 @@ def test_sft_starts_from_exactly_the_pretrained_weights(default_run):
     assert abs(first["loss"] - offline) <= rel * offline
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "raylm.launcher.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,9 +175,10 @@ def test_generate_eval_and_export_from_the_cli(default_run, tmp_path, capsys):
     assert code == 2 and "not empty" in err
 
 
-def test_resume_never_reruns_a_finished_stage(default_run):
+def test_resume_never_reruns_a_finished_stage(default_run, capsys):
+    """Nor does it start or reach a Ray cluster: there is nothing to run."""
     before = (default_run / "metrics.jsonl").read_text()
-    resumed = _cli("resume", str(default_run), cwd=default_run.parent.parent)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert resumed.stdout.count("already finished, skipping") == 2
+    code, out, err = cli_here(capsys, "resume", str(default_run))
+    assert code == 0, err[-2000:]
+    assert out.count("already finished, skipping") == 2 and "cluster:" not in out
     assert (default_run / "metrics.jsonl").read_text() == before

@@ -173,8 +173,10 @@ def _continue(run_dir: Path, run: RunConfig, address_setting: str = "cluster.add
     for stage in run.stages:
         rundir.stage_summary(run_dir, stage.name)  # a damaged one is reported before Ray starts, not after
     rundir.save_config(run_dir, run)
-    address, chosen_by = choose_address(run.cluster.address, address_setting)
-    info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
+    info = None  # every stage finished: nothing to run, no cluster to start or reach
+    if not all(rundir.stage_finished(run_dir, stage.name) for stage in run.stages):
+        address, chosen_by = choose_address(run.cluster.address, address_setting)
+        info = start_or_connect(address, run.cluster.local_cpus, chosen_by=chosen_by)
     run_all(run_dir, run, info, Console())
 
 

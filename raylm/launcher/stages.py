@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -219,10 +219,12 @@ def _fit(trainer, run_dir: Path, run: RunConfig, indices: List[int]) -> None:
         ) from err
 
 
-def run_all(run_dir: Path, run: RunConfig, info: ClusterInfo, console: Console) -> dict:
-    """Run every unfinished stage on a connected cluster; a finished stage is never re-run."""
+def run_all(run_dir: Path, run: RunConfig, info: Optional[ClusterInfo], console: Console) -> dict:
+    """Run every unfinished stage on a connected cluster; a finished stage is never re-run. ``info`` is None when
+    every stage has finished: no cluster is needed then."""
     started = time.time()
-    console.print(f"cluster: {info.origin()}; {info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs")
+    if info is not None:
+        console.print(f"cluster: {info.origin()}; {info.nodes} node(s), {info.cpus:g} CPUs, {info.gpus:g} GPUs")
     console.print(f"run [bold]{run.name}[/] in {storage.where(run_dir)}")
     # Every stage still to run must fit the cluster before the first one spends any time.
     for index, stage in enumerate(run.stages):
