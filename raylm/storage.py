@@ -156,6 +156,9 @@ class Store:
         os.replace(partial, local)
         return size, digest.hexdigest()
 
+    def delete_file(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
+
     def delete_dir(self, rel: str) -> None:
         self.fs.delete_dir(self.path(rel))
 

@@ -88,8 +88,8 @@ def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpo
     runs = new_bucket(endpoint)
     common = ["launch", "--address", cluster.address, *S3_RUN, f"runs_dir={runs}"]
 
-    # An uninterrupted pretrain -> sft run.
-    whole = _launch([*common, "--name", "whole", TWO_STAGES], env, scratch, tmp_path / "whole.log")
+    # An uninterrupted pretrain -> sft run, keeping only its newest checkpoint.
+    whole = _launch([*common, "--name", "whole", TWO_STAGES, "train.keep_last=1"], env, scratch, tmp_path / "whole.log")
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     store = Store(runs)
     files = store.files("whole")
@@ -97,6 +97,7 @@ def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpo
                    "pretrain/summary.json", "sft/final/model.safetensors", "sft/summary.json", "pretrain/logs/rank_000.log",
                    "pretrain/logs/rank_001.log", "pretrain/step_0000008/manifest.json"):
         assert needed in files, needed
+    assert not any(name.startswith("pretrain/step_0000004/") for name in files)  # pruned from the bucket
     assert any(name.startswith("wandb/offline-run-") and name.endswith(".wandb") for name in files)
     fetched = [r for r in _records(_view(runs, "whole", env)) if r.get("event") == "fetched"]
     contents = {tree: json.loads(store.read_bytes(f"whole/{tree}/.contents.json"))

@@ -100,8 +100,6 @@ class RaySession:
             self._upload(directory, rel)
             checkpoint = ray.train.Checkpoint(path=self.store.path(rel), filesystem=self.store.fs)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=rel, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        if ray.train.get_context().get_world_rank() == 0:
-            self._prune()
 
     def _upload(self, staging: Path, rel: str) -> None:
         """Every rank's files into ``rel`` of the bucket, then (after a barrier) rank 0's manifest: the checkpoint
@@ -118,14 +116,15 @@ class RaySession:
             self.store.upload(staging / MANIFEST, f"{rel}/{MANIFEST}")
         shutil.rmtree(staging, ignore_errors=True)
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints; every rank's files of this one are in storage once
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; every rank's files of the last one are in storage once
         ``report`` returns. (Ray Train keeps every checkpoint it registered: see ``raylm.launcher.trainer``.)"""
         if self.store is None:
             prune_checkpoints(self.stage_dir, self.keep_last)
             return
         complete = [name for name in stored_steps(self.store, self.stage) if self.store.is_file(f"{self.stage}/{name}/{MANIFEST}")]
         for old in complete[self.keep_last :]:
+            self.store.delete_file(f"{self.stage}/{old}/{MANIFEST}")  # manifest first, as on a disk
             self.store.delete_dir(f"{self.stage}/{old}")
 
     def close(self, step: int) -> None:

@@ -50,6 +50,10 @@ class Session(Protocol):
         Called on every rank after a barrier.
         """
 
+    def prune(self) -> None:
+        """Delete the stage's complete checkpoints beyond the newest ``keep_last``. Called on rank 0 after a commit;
+        no collective, so an asynchronous save runs it on its writer thread."""
+
     def close(self, step: int) -> None:
         """Called on every rank once the stage's final weights and summary are written."""
 
@@ -70,8 +74,10 @@ def fresh_checkpoint_dir(stage_dir: Path, step: int) -> Path:
 
 
 def prune_checkpoints(stage_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints of a stage on a disk (older incomplete ones go with them)."""
+    """Keep the newest ``keep_last`` complete checkpoints of a stage on a disk. Each goes manifest first: one whose
+    deletion is cut short is plainly incomplete, never complete with files missing."""
     for old in [path for path in step_dirs(stage_dir) if (path / MANIFEST).is_file()][keep_last:]:
+        (old / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -106,8 +112,10 @@ class LocalSession:
         pass
 
     def commit(self, step: int, directory: Path, metrics: dict) -> None:
-        if dist.get_rank() == 0:
-            prune_checkpoints(self.stage_dir, self.keep_last)
+        pass
+
+    def prune(self) -> None:
+        prune_checkpoints(self.stage_dir, self.keep_last)
 
     def close(self, step: int) -> None:
         pass
