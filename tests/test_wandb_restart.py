@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY_PRETRAIN, launch_in_process
-from faults import committed_step, latest_step, wait_for, worker_pids
+from faults import committed_step, latest_step, wait_for, when_step_reached, worker_pids
 from wandb_records import read_run
 
 pytestmark = pytest.mark.slow
@@ -33,19 +32,11 @@ RESTARTED = [
 @pytest.mark.timeout(600)
 def test_a_restart_reaches_wandb_and_every_metric_is_plotted_against_trainer_step(ray_cluster, tmp_path):
     run_dir = tmp_path / "restarted"
-    failed: list = []
-
-    def kill() -> None:
-        try:
-            _kill_rank_1_after_a_step_logged_past(run_dir, 8)
-        except BaseException as err:  # reported below, not lost with the thread
-            failed.append(err)
-
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
+    # Step 0: the trigger's thread starts the kill at once (it waits for the ranks itself) and keeps its error.
+    killer = when_step_reached(run_dir, 0, lambda: _kill_rank_1_after_a_step_logged_past(run_dir, 8))
     launch_in_process(tmp_path, "restarted", RESTARTED)
     killer.join(timeout=60)
-    assert not killer.is_alive() and not failed, failed
+    assert not killer.is_alive() and killer.error is None, killer.error
     check_wandb_after_one_restart(run_dir)
 
 
@@ -54,8 +45,9 @@ def _settled_latest_step(run_dir: Path, quiet_s: float = 1.0) -> int:
     step, since = latest_step(run_dir), time.time()
     while time.time() - since < quiet_s:
         time.sleep(0.05)
-        if latest_step(run_dir) != step:
-            step, since = latest_step(run_dir), time.time()
+        now = latest_step(run_dir)
+        if now != step:
+            step, since = now, time.time()
     return step
 
 
