@@ -16,8 +16,8 @@ from ports import free_port
 
 # Ranks are forked from one server process that has imported these once per test session: a fresh interpreter
 # spends ~6-9 s of CPU importing torch, DeepSpeed and raylm's per-rank code, which on the suite's two cores
-# was most of a parity test's time. torch._dynamo (~1.6 s more) is what a rank's first model build imports (torch
-# initialises a module's weights on `meta` through a function wrapped for torch.compile).
+# was most of a parity test's time. torch._dynamo (~1.6 s more) is what a rank's first model build and every
+# optimizer's constructor import (both go through functions wrapped for torch.compile).
 PRELOADED = ["torch", "deepspeed", "torch._dynamo", "raylm.trainer.worker", "raylm.trainer.session"]
 
 
