@@ -1,7 +1,7 @@
 """Runs in object storage with no shared disk: a real S3 server (moto) on 127.0.0.1, a worker node whose view
 of the driver's scratch directory is an empty tmpfs (its own mount namespace), launches in CLI subprocesses.
 
-One run goes pretrain -> sft in the bucket; a second, pretrain only, has a worker SIGKILLed mid-stage, resumes
+One run goes pretrain -> sft in the bucket, its checkpoints saved asynchronously; a second, pretrain only, has a worker SIGKILLed mid-stage, resumes
 from the bucket's checkpoint and must end with weights bitwise equal to the first run's pretrain stage. Then
 ``status``, ``generate``, ``eval`` and ``export`` work on the run from a fresh directory with an empty cache.
 """
@@ -88,8 +88,9 @@ def test_a_run_in_s3_trains_resumes_and_is_served_from_the_bucket(cluster, endpo
     runs = new_bucket(endpoint)
     common = ["launch", "--address", cluster.address, *S3_RUN, f"runs_dir={runs}"]
 
-    # An uninterrupted pretrain -> sft run, keeping only its newest checkpoint.
-    whole = _launch([*common, "--name", "whole", TWO_STAGES, "train.keep_last=1"], env, scratch, tmp_path / "whole.log")
+    # An uninterrupted pretrain -> sft run, keeping only its newest checkpoint; its saves upload, commit and prune
+    # on the ranks' writer threads (asynchronous checkpoints).
+    whole = _launch([*common, "--name", "whole", TWO_STAGES, "train.keep_last=1", "train.async_checkpoint=true"], env, scratch, tmp_path / "whole.log")
     assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     store = Store(runs)
     files = store.files("whole")

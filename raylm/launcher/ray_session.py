@@ -90,18 +90,18 @@ class RaySession:
         if self.store is not None:
             self._uploads.start(directory / rel, f"{self._uploading_to}/{rel}")
 
-    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+    def commit(self, step: int, directory: Path, metrics: dict, group: Optional[dist.ProcessGroup]) -> None:
         """Register the checkpoint where it already lies, Ray told not to copy it: on a disk the ranks wrote it in
         place; to a bucket they upload it themselves first (``_upload``)."""
         rel = f"{self.stage}/{step_dir_name(step)}"  # the fit's directory is the run's
         if self.store is None:
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         else:
-            self._upload(directory, rel)
+            self._upload(directory, rel, group)
             checkpoint = ray.train.Checkpoint(path=self.store.path(rel), filesystem=self.store.fs)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=rel, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
-    def _upload(self, staging: Path, rel: str) -> None:
+    def _upload(self, staging: Path, rel: str, group: Optional[dist.ProcessGroup]) -> None:
         """Every rank's files into ``rel`` of the bucket, then (after a barrier) rank 0's manifest: the checkpoint
         never looks complete before it is. Most files are on their way already (``written``); several go up at
         once, where Ray's own upload sends one file, one part at a time (its guard against an Arrow deadlock fixed
@@ -111,7 +111,7 @@ class RaySession:
             if not self._uploads.started(f"{rel}/{name}"):  # written outside raylm's writers: DeepSpeed's recovery scripts
                 self._uploads.start(path, f"{rel}/{name}")
         self._uploads.wait()
-        dist.barrier()
+        dist.barrier(group=group)
         if (staging / MANIFEST).is_file():
             self.store.upload(staging / MANIFEST, f"{rel}/{MANIFEST}")
         shutil.rmtree(staging, ignore_errors=True)

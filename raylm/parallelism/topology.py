@@ -153,20 +153,22 @@ def build_groups(topology: Topology, rank: int, timeout: timedelta) -> ParallelG
 
 @dataclass
 class CheckpointGroups:
-    """Gloo twins of this rank's data- and tensor-parallel groups, for an asynchronous checkpoint's writer thread:
-    its collectives (the layout-free copy's gathers, over host memory) never share a group with the training
-    thread's, which may run at the same time."""
+    """Gloo twins of the world and of this rank's data- and tensor-parallel groups, for an asynchronous checkpoint's
+    writer thread: its collectives (the layout-free copy's gathers over host memory, the commit) never share a
+    group with the training thread's, which may run at the same time."""
 
+    world_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     tp_group: dist.ProcessGroup
     dp_ranks: List[int]
 
 
 def build_checkpoint_groups(topology: Topology, rank: int, timeout: timedelta) -> CheckpointGroups:
-    """Create the gloo twins of the dp and tp groups; a collective call on every rank of the default group."""
+    """Create the gloo twins of the world, dp and tp groups; a collective call on every rank of the default group."""
+    world_group = dist.new_group(timeout=timeout, backend="gloo")
     tp_group, _ = _new_groups(topology.all_tp_groups(), rank, timeout, backend="gloo")
     dp_group, dp_ranks = _new_groups(topology.all_dp_groups(), rank, timeout, backend="gloo")
-    return CheckpointGroups(dp_group, tp_group, dp_ranks)
+    return CheckpointGroups(world_group, dp_group, tp_group, dp_ranks)
 
 
 def group_timeout_s(group: dist.ProcessGroup, device: torch.device) -> float:

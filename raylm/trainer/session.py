@@ -44,10 +44,11 @@ class Session(Protocol):
         """File ``rel`` of the checkpoint this rank writes into ``directory`` is complete (a session that uploads
         the checkpoint may start with it while the rank writes the next)."""
 
-    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+    def commit(self, step: int, directory: Path, metrics: dict, group: Optional[dist.ProcessGroup]) -> None:
         """Publish the checkpoint once every rank's files are in its ``directory`` and the manifest in rank 0's.
 
-        Called on every rank after a barrier.
+        Called on every rank after a barrier over ``group`` (None: the default group), over which any collective
+        of its own must run: an asynchronous save commits on its writer thread.
         """
 
     def prune(self) -> None:
@@ -111,7 +112,7 @@ class LocalSession:
     def written(self, directory: Path, rel: str) -> None:
         pass
 
-    def commit(self, step: int, directory: Path, metrics: dict) -> None:
+    def commit(self, step: int, directory: Path, metrics: dict, group: Optional[dist.ProcessGroup]) -> None:
         pass
 
     def prune(self) -> None:

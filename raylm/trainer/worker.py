@@ -159,7 +159,6 @@ class StageTrainer:
         self.lora = self.stage.lora
         self.state = TrainerState(0, 0, 0, self.ctx.world_size, topology.tp, topology.pp, topology.dp,
                                   self.cfg.parallel.zero_stage, self.bf16, asdict(self.lora) if self.lora is not None else None)
-        self.saves = CheckpointSaves(self.session, self.cfg.train.async_checkpoint, self.ctx.device, self.log)
         self.resume_from = self._choose_checkpoint()
         if self.resume_from is not None:
             self.session.fetch(self.resume_from, lambda rel: False)  # the manifest
@@ -179,9 +178,10 @@ class StageTrainer:
         dense = build_stage_model(self.cfg, self.lora, self.init_path, weights if self.reshard else None, self.labels)
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
-        # The writer thread of asynchronous checkpoints gathers the layout-free copy over groups of its own.
+        # The writer thread of asynchronous checkpoints gathers the layout-free copy and commits over groups of its own.
         self.checkpoint_groups = (build_checkpoint_groups(self.par.topology, self.ctx.rank, timedelta(seconds=self.cfg.fault.hang_timeout_s))
                                   if self.cfg.train.async_checkpoint else None)
+        self.saves = CheckpointSaves(self.session, self.log, self.checkpoint_groups.world_group if self.checkpoint_groups else None)
         self.accum = micro_batches(self.cfg, self.dp_size)
         self.micro_batch = micro_batch_size(self.cfg, self.dp_size)
         self.phases.mark("model")
