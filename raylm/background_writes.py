@@ -15,16 +15,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from raylm.host_snapshot import HostCopies, host_snapshot
+from raylm.host_snapshot import HostBuffers, HostCopies, host_snapshot
 from raylm.written_files import WrittenFiles
 
 
 class BackgroundWrittenFiles(WrittenFiles):
     """Writes queue snapshots; ``sync`` queues the fsync after them; ``done``, ``wait`` and ``abandon`` end it."""
 
-    def __init__(self, root: Path, writer: Executor, on_written: Callable[[str], None] = lambda rel: None):
+    def __init__(self, root: Path, writer: Executor, on_written: Callable[[str], None] = lambda rel: None,
+                 buffers: Optional[HostBuffers] = None):
         """``writer`` runs the writes in the order they are queued: one thread (a rank's checkpoints share it, so
-        a save starts no thread)."""
+        a save starts no thread). The snapshots are copied into ``buffers`` when given (no other snapshot may use
+        them until this ledger's writes are done)."""
         super().__init__(root, on_written)
         self._writer = writer
         self._queued: List[Future] = []
@@ -32,7 +34,7 @@ class BackgroundWrittenFiles(WrittenFiles):
         self._inline = WrittenFiles(root, on_written)
         self.files = self._inline.files
         # The ledger's snapshots share their copies of a storage (taken while training waits for them).
-        self._copies = HostCopies()
+        self._copies = HostCopies(buffers)
 
     def _queue(self, write: Callable, *args) -> None:
         self._queued.append(self._writer.submit(write, *args))
@@ -55,7 +57,7 @@ class BackgroundWrittenFiles(WrittenFiles):
         """Queue the fsync of every file after their writes (the last call of a save: training goes on after it);
         ``wait`` returns once it is done."""
         self._queue(self._inline.sync)
-        self._copies = HostCopies()  # the queued writes hold what they need of it
+        self._copies = HostCopies(self._copies.buffers)  # the queued writes hold what they need of it
 
     def done(self) -> bool:
         return all(job.done() for job in self._queued)

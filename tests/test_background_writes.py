@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from raylm.background_writes import BackgroundWrittenFiles
-from raylm.host_snapshot import HostCopies, host_snapshot
+from raylm.host_snapshot import HostBuffers, HostCopies, host_snapshot
 from raylm.trainer.checkpoint import describe_files
 from raylm.written_files import WrittenFiles
 
@@ -110,6 +110,24 @@ def test_snapshots_taken_with_one_host_copies_share_a_storage_copy_while_the_ori
         made = torch.full((10,), float(value))
         assert torch.equal(host_snapshot(made, copies), made)
         del made
+
+
+def test_snapshots_into_host_buffers_reuse_them_once_reclaimed():
+    buffers = HostBuffers()
+    flat, other = torch.arange(10.0), torch.arange(4.0)
+    first = host_snapshot({"a": flat[:5], "b": flat[5:], "c": other}, HostCopies(buffers))
+    assert torch.equal(first["a"], torch.arange(5.0)) and torch.equal(first["c"], other)
+    used = {first[name].untyped_storage().data_ptr() for name in ("a", "c")}
+    assert len(used) == 2  # one buffer per storage, the views of one storage share it
+    # Not reclaimed: the first snapshot's buffers stay its own.
+    flat.add_(100)
+    held = host_snapshot({"a": flat[:5]}, HostCopies(buffers))
+    assert held["a"].untyped_storage().data_ptr() not in used and torch.equal(first["a"], torch.arange(5.0))
+    # Reclaimed (the first snapshot is written): the next snapshot of the same sizes copies into the same memory.
+    buffers.reclaim()
+    again = host_snapshot({"a": flat[:5], "c": other}, HostCopies(buffers))
+    assert {again[name].untyped_storage().data_ptr() for name in ("a", "c")} <= used | {held["a"].untyped_storage().data_ptr()}
+    assert torch.equal(again["a"], torch.arange(100.0, 105.0))
 
 
 def test_abandoning_drops_the_writes_not_begun(tmp_path):

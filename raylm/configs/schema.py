@@ -100,7 +100,7 @@ class TrainConfig:
     async_checkpoint: bool = _f(
         False,
         "Write checkpoints in the background: each rank copies its checkpoint state to host memory (one copy of it "
-        "more while a save is pending), training goes on, and each rank's writer thread commits the checkpoint once "
+        "more, kept between saves), training goes on, and each rank's writer thread commits the checkpoint once "
         "every rank's files are on disk.",
     )
     precision: str = _f(

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch.distributed as dist
 
 from raylm.background_writes import BackgroundWrittenFiles
+from raylm.host_snapshot import HostBuffers
 from raylm.trainer.checkpoint import TrainerState, write_manifest
 from raylm.trainer.session import Session
 from raylm.written_files import WrittenFiles
@@ -57,6 +58,8 @@ class CheckpointSaves:
         self.background = writer_group is not None
         self._pending: Optional[_Pending] = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="raylm-checkpoint-writer") if self.background else None
+        self._buffers = HostBuffers() if self.background else None
+        """The snapshots' host memory, reused by every save once the previous one is committed."""
 
     def save(self, state: TrainerState, metrics: Dict, write_files: Callable[[WrittenFiles, Path], None]) -> None:
         """Checkpoint ``state`` (which the caller no longer changes): ``write_files(written, directory)`` writes
@@ -66,7 +69,11 @@ class CheckpointSaves:
         began = time.perf_counter()
         directory = self.session.checkpoint_dir(state.step)
         on_written = partial(self.session.written, directory)
-        written = BackgroundWrittenFiles(directory, self._writer, on_written) if self.background else WrittenFiles(directory, on_written)
+        if self.background:
+            self._buffers.reclaim()  # the previous save's writes are done: finished above
+            written = BackgroundWrittenFiles(directory, self._writer, on_written, self._buffers)
+        else:
+            written = WrittenFiles(directory, on_written)
         write_files(written, directory)
         written.sync()
         pending = _Pending(directory, written, state, metrics, began, time.perf_counter() - began)
