@@ -141,24 +141,34 @@ def _stall_a_checkpoint_write(run_dir: Path, steps, rank: int = 1) -> int:
     raise AssertionError(f"rank {rank} wrote its RNG state of checkpoints {steps} before the test could stall it")
 
 
-def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoint(ray_cluster, uninterrupted, tmp_path):
-    """With train.async_checkpoint, one rank's write of a checkpoint stalls while training goes on past it; that
-    rank is then SIGKILLed. The checkpoint never committed: the restart skips it, resumes from the one before, and
-    the run ends as the uninterrupted (synchronous) one did."""
+def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoint_and_one_killed_in_sft_restarts_sft_alone(
+        ray_cluster, uninterrupted, tmp_path):
+    """pretrain -> sft in one worker group, pretrain with train.async_checkpoint (one launch, two faults):
+
+    - in pretrain, one rank's write of a checkpoint stalls while training goes on past it; that rank is then
+      SIGKILLed. The checkpoint never committed: the restart skips it, resumes from the one before, and pretrain
+      ends as the uninterrupted (synchronous) run did;
+    - in sft (which keeps no checkpoints), a worker is SIGKILLed: the new group skips the finished pretrain and
+      starts sft over from pretrain's final weights, not from the pretrain checkpoint Ray Train registered last."""
     run_dir = tmp_path / "async"
     stalled: dict = {}
+    two_stages = [*FAULTY, "train.async_checkpoint=true",
+                  "stages=[{name: pretrain, kind: pretrain}, {name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}, "
+                  "train: {max_steps: 12, ckpt_every: 0}}]"]
 
-    def stall_then_kill() -> None:
+    def stall_then_kill_then_kill_in_sft() -> None:
         step = stalled["step"] = _stall_a_checkpoint_write(run_dir, (8, 12, 16))
         wait_for(lambda: latest_step(run_dir) >= step + 2, f"training past the stalled checkpoint {step}")
         stalled["committed"] = (run_dir / "pretrain" / step_dir_name(step) / MANIFEST).exists()
         stalled["killed"] = signal_worker(run_dir / "pretrain", signal.SIGKILL)
+        wait_for(lambda: latest_step(run_dir, "sft") >= 2, "step 2 of sft")
+        stalled["killed_in_sft"] = signal_worker(run_dir / "sft", signal.SIGKILL)
 
-    injector = when_step_reached(run_dir, 1, stall_then_kill)
-    launch_in_process(tmp_path, "async", [*FAULTY, "train.async_checkpoint=true"])
+    injector = when_step_reached(run_dir, 1, stall_then_kill_then_kill_in_sft)
+    launch_in_process(tmp_path, "async", two_stages)
     injector.join(timeout=60)
     assert injector.error is None, injector.error
-    assert stalled["killed"] is not None and not stalled["committed"], stalled
+    assert stalled["killed"] is not None and not stalled["committed"] and stalled["killed_in_sft"] is not None, stalled
     step = stalled["step"]
     skipped = {event["path"]: event["reason"] for event in _events(run_dir, "skipped_checkpoint")}
     assert skipped[str(run_dir / "pretrain" / step_dir_name(step))].startswith("no manifest"), skipped
@@ -167,26 +177,8 @@ def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoi
     assert_bitwise_equal_to(uninterrupted, run_dir)
     assert sorted(p.name for p in (run_dir / "pretrain").glob("step_*")) == ["step_0000016", "step_0000020"]
 
-
-def test_a_worker_killed_in_a_later_stage_of_the_worker_group_restarts_that_stage_alone(ray_cluster, tmp_path):
-    """pretrain -> sft in one worker group, a worker SIGKILLed in sft (which keeps no checkpoints): the new group
-    skips the finished pretrain and starts sft over from pretrain's final weights, not from the pretrain
-    checkpoint Ray Train registered last."""
-    run_dir = tmp_path / "two"
-    two_stages = [*TINY_PRETRAIN, "train.max_steps=4", "train.ckpt_every=2", "fault.max_failures=1",
-                  "stages=[{name: pretrain, kind: pretrain}, {name: sft, kind: sft, data: {source: 'builtin:pydoc-sft'}, "
-                  "train: {max_steps: 12, ckpt_every: 0}}]"]
-
-    def kill_in_sft() -> None:
-        wait_for(lambda: latest_step(run_dir, "sft") >= 2, "step 2 of sft")
-        injected.append(signal_worker(run_dir / "sft", signal.SIGKILL))
-
-    injected: list = []
-    injector = when_step_reached(run_dir, 4, kill_in_sft)
-    launch_in_process(tmp_path, "two", two_stages)
-    injector.join(timeout=60)
-    assert injector.error is None and injected[0] is not None, injector.error
-    assert len(read_metrics(run_dir, "pretrain", kind="start")) == 1
+    # The sft restart started pretrain no more: its two starts are the first group's and the one after its kill.
+    assert len(read_metrics(run_dir, "pretrain", kind="start")) == 2
     restarts = [r for r in read_metrics(run_dir, "sft", kind="event") if r["event"] in ("restart", "skipped_checkpoint")]
     assert [(r["event"], r["step"]) for r in restarts] == [("restart", 0)], restarts
     # Both attempts' first step started from the same weights on the same batch.
