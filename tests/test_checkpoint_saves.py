@@ -41,7 +41,7 @@ def _commit_while_training_waits(rank: int, world_size: int, root: Path) -> None
     assert logged == []  # logged by the training thread, at its next look
     saves.poll()
     saves.save(replace(STATE, step=4), {"loss": 1.5}, _write_part)
-    saves.close()
+    saves.finish()
     dist.barrier()
     assert verify(root / step_dir_name(4)) is None
     assert not first.exists()  # beyond keep_last=1: deleted by rank 0's writer thread once step 4 committed
@@ -61,7 +61,7 @@ def _failed_write_raises(rank: int, world_size: int, root: Path) -> None:
     saves = _saves(root, [])
     saves.save(STATE, {"loss": 2.0}, _write_into_a_directory)
     with pytest.raises(IsADirectoryError):
-        saves.close()
+        saves.finish()
     assert not (root / step_dir_name(2) / MANIFEST).exists()
 
 

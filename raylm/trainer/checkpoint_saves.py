@@ -78,15 +78,17 @@ class CheckpointSaves:
         written.sync()
         pending = _Pending(directory, written, state, metrics, began, time.perf_counter() - began)
         if self.background:
-            pending.commit = self._writer.submit(self._commit, pending, self.writer_group)  # after the writes: one thread
+            pending.commit = self._writer.submit(self._commit, pending)  # after the writes: one thread
             self._pending = pending
         else:
-            size, ended = self._commit(pending, None)
+            size, ended = self._commit(pending)
             self._log(pending, size, ended, ended - began)
 
-    def _commit(self, pending: _Pending, group: Optional[dist.ProcessGroup]) -> Tuple[int, float]:
+    def _commit(self, pending: _Pending) -> Tuple[int, float]:
         """Every rank's files written, gathered into rank 0's manifest, the checkpoint published, then rank 0
-        deletes the old ones; returns the checkpoint's bytes and when this ended. A collective over ``group``."""
+        deletes the old ones; returns the checkpoint's bytes and when this ended. A collective over the writer's
+        group (the default group when saving synchronously)."""
+        group = self.writer_group
         pending.written.wait()
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, pending.written.files, group=group)
@@ -107,7 +109,8 @@ class CheckpointSaves:
             self.finish()
 
     def finish(self) -> None:
-        """Wait for the pending checkpoint's commit and log it (nothing to do without one); no collective."""
+        """Wait for the pending checkpoint's commit (and the old ones' deletion) and log it (nothing to do without
+        one); no collective. The stage's end calls it last."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -118,10 +121,6 @@ class CheckpointSaves:
     def _log(self, pending: _Pending, size: int, ended: float, stall_s: float) -> None:
         self.log({"step": pending.state.step, "kind": "event", "event": "checkpoint", "seconds": ended - pending.began,
                   "stall_s": stall_s, "async": self.background, "bytes": size, "dir": str(pending.directory)})
-
-    def close(self) -> None:
-        """At the stage's end: wait for the pending checkpoint's commit (and the old ones' deletion)."""
-        self.finish()
 
     def abandon(self) -> None:
         """After a failure: stop writing the pending checkpoint, which never commits unless its commit was under

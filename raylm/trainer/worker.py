@@ -490,7 +490,7 @@ class StageTrainer:
                 self.watchdog.beat()
                 self.checkpoint({"loss": loss})
                 self.watchdog.beat()
-        self.saves.close()  # the stage ends with its last checkpoint committed and the old ones pruned
+        self.saves.finish()  # the stage ends with its last checkpoint committed and the old ones pruned
         self.watchdog.beat()
         if start_step == t.max_steps and self.state.step == t.max_steps:
             last["eval_loss"] = self.evaluate()
