@@ -17,6 +17,8 @@ from raylm.trainer.checkpoint import MANIFEST, TrainerState, step_dir_name, veri
 from raylm.trainer.checkpoint_saves import CheckpointSaves
 from raylm.trainer.session import LocalSession
 
+pytestmark = pytest.mark.slow  # real processes, as every gloo test
+
 STATE = TrainerState(step=2, consumed_samples=32, tokens_seen=2048, world_size=2, tp=1, pp=1, dp=2)
 
 
