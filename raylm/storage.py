@@ -18,7 +18,6 @@ default credentials); a URI that carries them is refused.
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
@@ -237,7 +236,7 @@ def _probing(store: Store) -> Store:
         return Store(f"{store.uri}{'&' if store.query else '?'}retry_limit_seconds={PROBE_RETRY_S}")
     if store.fs.type_name == "s3":  # S3 URIs take no retry option: the same options (what pickling keeps), another strategy
         _, (options,) = store.fs.__reduce__()
-        probing = copy.copy(store)
+        probing = Store(store.uri)
         probing.fs = pyarrow.fs.S3FileSystem(**options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=PROBE_ATTEMPTS))
         return probing
     return store
