@@ -103,9 +103,10 @@ def read_metrics(run_dir: Path, stage: str = "pretrain", kind: str = "train") ->
     return [r for r in records if r.get("stage") == stage and r.get("kind") == kind]
 
 
-def losses(run_dir: Path, stage: str = "pretrain") -> List[float]:
-    """One loss per step; a step trained again after a resume counts with its latest loss."""
-    by_step = {r["step"]: r["loss"] for r in read_metrics(run_dir, stage)}
+def losses(run_dir: Path, stage: str = "pretrain", key: str = "loss") -> List[float]:
+    """One loss (or another ``key`` of the train records) per step; a step trained again after a resume counts with
+    its latest one."""
+    by_step = {r["step"]: r[key] for r in read_metrics(run_dir, stage)}
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -202,6 +203,10 @@ def assert_same_training(reference: Path, run_dir: Path, label: str) -> None:
     rel = bf16_training_rel(cfg.model, tokens) if precision == "bf16" else training_rel(cfg.model, tokens, len(expected))
     for step, (a, b) in enumerate(zip(expected, got), start=1):
         assert abs(a - b) <= rel * abs(a), f"step {step}: 1 worker {a} vs {label} {b} (tolerance {rel:.2g} relative)"
+    # The global gradient norm each step clipped by: every layout counts each weight once (a tensor-parallel or
+    # pipeline layout that counted a replicated weight on every rank would be off by far more).
+    for step, (a, b) in enumerate(zip(losses(reference, key="grad_norm"), losses(run_dir, key="grad_norm")), start=1):
+        assert abs(a - b) <= rel * a, f"step {step}: gradient norm {a} on 1 worker vs {b} on {label}"
     initial = build_dense_model(cfg, None).state_dict()
     ref_weights = load_file(str(reference / "pretrain" / "final" / "model.safetensors"))
     weights = load_file(str(run_dir / "pretrain" / "final" / "model.safetensors"))

@@ -31,6 +31,7 @@ from raylm.trainer.checkpoint_saves import CheckpointSaves
 from raylm.trainer.deepspeed_save_sync import without_redundant_sync
 from raylm.trainer.hashed_deepspeed import hashed_saves
 from raylm.trainer.device import allow_tf32, init_distributed, rng_state, set_rng_state
+from raylm.trainer.fp32_grad_norm import keep_fp32_grad_norm
 from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUMMARY
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
@@ -241,6 +242,7 @@ class StageTrainer:
             # seeded) weights starts from them exactly: made again from their source, or, for LoRA's few
             # adapter weights (drawn in add_lora), copied before.
             set_master_weights(engine, self.par, weights if adapters is None else lambda name, tp_rank, tp: adapters[name])
+        keep_fp32_grad_norm(engine)
         return engine
 
     # ----------------------------------------------------------------- logging
