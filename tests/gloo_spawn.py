@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,14 @@ def run_on_gloo(fn: Callable[..., Any], world_size: int, *args: Any, fresh_inter
     multiprocessing.set_forkserver_preload(PRELOADED)
     mp.start_processes(_entry, args=(fn, world_size, free_port(), dict(os.environ), os.getcwd(), args), nprocs=world_size,
                        join=True, start_method="spawn" if fresh_interpreters else "forkserver")
+
+
+def run_side_by_side(calls: Sequence[Tuple[Callable[..., Any], tuple]]) -> None:
+    """Each ``(fn, args)`` as ``run_on_gloo(fn, 1, *args)``, all at once: single-rank work (one thread per rank)
+    that one after another would leave the other cores idle. A failure of any fails the caller."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        for done in [pool.submit(run_on_gloo, fn, 1, *args) for fn, args in calls]:
+            done.result()
 
 
 def train_stage_on_rank(run_dir: Path, run, rank: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from collective_devices import watching
 from conftest import CHECKPOINT_AT_3, TINY_PRETRAIN, TINY_SETTINGS, assert_same_training, forget_after, losses, read_metrics
-from gloo_spawn import run_on_gloo, train_saved_stage, train_stage_on_rank
+from gloo_spawn import run_on_gloo, run_side_by_side, train_saved_stage, train_stage_on_rank
 from numerics import bf16_training_rel
 from raylm.configs.loader import load_config, resolve_stage
 from raylm.parallelism.topology import Topology
@@ -57,9 +58,13 @@ def _rank_0_measures(rank: int, rates):
     return measure
 
 
-def _train_on_one_rank(rank: int, world_size: int, root: Path) -> None:
-    for name, overrides in ONE_RANK.items():
-        train_stage_on_rank(root / name, load_config("tiny", overrides), rank)
+def _train_on_one_rank(rank: int, world_size: int, root: Path, names: List[str]) -> None:
+    for name in names:
+        train_stage_on_rank(root / name, load_config("tiny", ONE_RANK[name]), rank)
+
+
+def _train_on_one_rank_and_restart(rank: int, world_size: int, root: Path, names: List[str]) -> None:
+    _train_on_one_rank(rank, world_size, root, names)
     # 'auto' decides again when a stage restarts: bf16 up to its checkpoint at step 3, then a restart that measures
     # bf16 at only 1.5x fp32 (another node, a busier one) goes on in fp32 from that checkpoint.
     flip = root / "flip"
@@ -94,7 +99,9 @@ def _train_each_layout(rank: int, world_size: int, root: Path) -> None:
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bf16-one-rank")
-    run_on_gloo(_train_on_one_rank, 1, root)
+    # Two single-rank processes side by side: the 60 bf16 steps, the longest, beside everything else.
+    run_side_by_side([(_train_on_one_rank, (root, ["bf16-60"])),
+                      (_train_on_one_rank_and_restart, (root, ["fp32-60", "bf16-reference"]))])
     return root
 
 
