@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from raylm.host_snapshot import HostBuffers, HostCopies, host_snapshot
+from raylm.host_snapshot import HostBuffers, HostCopies, take_snapshot
 from raylm.written_files import WrittenFiles
 
 
@@ -39,19 +39,25 @@ class BackgroundWrittenFiles(WrittenFiles):
     def _queue(self, write: Callable, *args) -> None:
         self._queued.append(self._writer.submit(write, *args))
 
+    def _queue_restored(self, write: Callable, obj: Any, *args) -> None:
+        """Queue ``write(copy, *args)`` of a host copy of ``obj``: its snapshot taken here, the copy built from it on
+        the writer thread."""
+        snapshot = take_snapshot(obj, self._copies)
+        self._queue(lambda: write(snapshot.restore(), *args))
+
     def write_bytes(self, path: Union[str, Path], data: bytes) -> None:
         self._queue(self._inline.write_bytes, path, bytes(data))
 
     def torch_save(self, obj, path: Union[str, Path]) -> None:
-        self._queue(self._inline.torch_save, host_snapshot(obj, self._copies), path)
+        self._queue_restored(self._inline.torch_save, obj, path)
 
     def save_safetensors(self, tensors: Mapping[str, torch.Tensor], path: Union[str, Path],
                          metadata: Optional[Dict[str, str]] = None) -> None:
-        self._queue(self._inline.save_safetensors, host_snapshot(dict(tensors), self._copies), path, dict(metadata) if metadata else None)
+        self._queue_restored(self._inline.save_safetensors, dict(tensors), path, dict(metadata) if metadata else None)
 
     def write_with(self, job: Callable[[WrittenFiles, Any], None], state: Any) -> None:
         """Queue ``job`` with a host snapshot of ``state``; what it writes is written at once, on the writer thread."""
-        self._queue(job, self._inline, host_snapshot(state, self._copies))
+        self._queue_restored(lambda restored: job(self._inline, restored), state)
 
     def sync(self) -> None:
         """Queue the fsync of every file after their writes (the last call of a save: training goes on after it);

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from raylm.background_writes import BackgroundWrittenFiles
-from raylm.host_snapshot import HostBuffers, HostCopies, host_snapshot
+from raylm.host_snapshot import HostBuffers, HostCopies, take_snapshot
 from raylm.trainer.checkpoint import describe_files
 from raylm.written_files import WrittenFiles
 
@@ -93,8 +93,9 @@ def test_a_snapshot_keeps_sharing_types_and_attributes():
     parameter = torch.nn.Parameter(torch.ones(3))
     tagged = torch.ones(2)
     tagged.partition_id = 7  # attributes DeepSpeed sets on a tensor are saved with it
-    copy = host_snapshot({"x": flat[:5], "y": flat[5:], "p": parameter, "t": tagged, "same": [flat[:5], flat[:5]]})
-    flat.fill_(1)
+    snapshot = take_snapshot({"x": flat[:5], "y": flat[5:], "p": parameter, "t": tagged, "same": [flat[:5], flat[:5]]})
+    flat.fill_(1)  # after the snapshot, before its copy is built (on the writer thread, in a checkpoint)
+    copy = snapshot.restore()
     assert torch.equal(copy["x"], torch.zeros(5)) and copy["x"].untyped_storage()._cdata == copy["y"].untyped_storage()._cdata
     assert type(copy["p"]) is torch.nn.Parameter and copy["p"].requires_grad
     assert copy["t"].partition_id == 7
@@ -103,29 +104,29 @@ def test_a_snapshot_keeps_sharing_types_and_attributes():
 def test_snapshots_taken_with_one_host_copies_share_a_storage_copy_while_the_original_lives():
     copies = HostCopies()
     flat = torch.zeros(10)
-    first, second = host_snapshot({"a": flat[:5]}, copies), host_snapshot([flat[5:]], copies)
+    first, second = take_snapshot({"a": flat[:5]}, copies).restore(), take_snapshot([flat[5:]], copies).restore()
     assert first["a"].untyped_storage()._cdata == second[0].untyped_storage()._cdata
     # Storages made and freed one after another (at reused addresses, often): each is copied anew.
     for value in range(20):
         made = torch.full((10,), float(value))
-        assert torch.equal(host_snapshot(made, copies), made)
+        assert torch.equal(take_snapshot(made, copies).restore(), made)
         del made
 
 
 def test_snapshots_into_host_buffers_reuse_them_once_reclaimed():
     buffers = HostBuffers()
     flat, other = torch.arange(10.0), torch.arange(4.0)
-    first = host_snapshot({"a": flat[:5], "b": flat[5:], "c": other}, HostCopies(buffers))
+    first = take_snapshot({"a": flat[:5], "b": flat[5:], "c": other}, HostCopies(buffers)).restore()
     assert torch.equal(first["a"], torch.arange(5.0)) and torch.equal(first["c"], other)
     used = {first[name].untyped_storage().data_ptr() for name in ("a", "c")}
     assert len(used) == 2  # one buffer per storage, the views of one storage share it
     # Not reclaimed: the first snapshot's buffers stay its own.
     flat.add_(100)
-    held = host_snapshot({"a": flat[:5]}, HostCopies(buffers))
+    held = take_snapshot({"a": flat[:5]}, HostCopies(buffers)).restore()
     assert held["a"].untyped_storage().data_ptr() not in used and torch.equal(first["a"], torch.arange(5.0))
     # Reclaimed (the first snapshot is written): the next snapshot of the same sizes copies into the same memory.
     buffers.reclaim()
-    again = host_snapshot({"a": flat[:5], "c": other}, HostCopies(buffers))
+    again = take_snapshot({"a": flat[:5], "c": other}, HostCopies(buffers)).restore()
     assert {again[name].untyped_storage().data_ptr() for name in ("a", "c")} <= used | {held["a"].untyped_storage().data_ptr()}
     assert torch.equal(again["a"], torch.arange(100.0, 105.0))
 

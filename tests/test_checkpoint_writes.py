@@ -19,10 +19,6 @@ from raylm.configs.loader import load_config
 from raylm.trainer.checkpoint import MANIFEST, RAY_SNAPSHOT, describe_files, manifest_files, step_dir_name, verify
 from raylm.written_files import WrittenFiles
 
-RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
-"""Copied by DeepSpeed outside its checkpoint engine; no resume reads them, and the manifest does not list them."""
-
-
 def test_written_files_record_what_a_fresh_read_finds(tmp_path):
     finished = []
     written = WrittenFiles(tmp_path, on_written=lambda rel: finished.append((rel, (tmp_path / rel).stat().st_size)))
@@ -112,8 +108,7 @@ def saved(tmp_path_factory) -> Path:
 def test_the_manifest_holds_the_hashes_a_fresh_read_gives(saved, layout):
     checkpoint = saved / layout / "pretrain" / "step_0000002"
     listed = manifest_files((checkpoint / MANIFEST).read_text())
-    on_disk = {rel: described for rel, described in describe_files(checkpoint).items() if Path(rel).name not in RECOVERY_SCRIPTS}
-    assert listed == on_disk
+    assert listed == describe_files(checkpoint)  # every file, DeepSpeed's recovery scripts left out
     assert any(rel.startswith("layout_free/") for rel in listed) and any(rel.startswith("deepspeed/") for rel in listed)
     assert verify(checkpoint) is None
 
@@ -144,6 +139,6 @@ def test_a_ray_run_on_a_disk_writes_each_checkpoint_once_in_place(tp2pp2_run):
     assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == ["pretrain/step_0000003", "pretrain/step_0000005"]
     for save in saves:
         checkpoint = Path(save["dir"])
-        on_disk = {rel: described for rel, described in describe_files(checkpoint).items() if Path(rel).name not in RECOVERY_SCRIPTS}
+        on_disk = describe_files(checkpoint)
         assert manifest_files((checkpoint / MANIFEST).read_text()) == on_disk
         assert sum(size for size, _ in on_disk.values()) == save["bytes"]

@@ -108,7 +108,7 @@ class RaySession:
         in Arrow 19)."""
         for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
             name = path.relative_to(staging).as_posix()
-            if not self._uploads.started(f"{rel}/{name}"):  # written outside raylm's writers: DeepSpeed's recovery scripts
+            if not self._uploads.started(f"{rel}/{name}"):  # written outside raylm's writers (none that raylm knows of)
                 self._uploads.start(path, f"{rel}/{name}")
         self._uploads.wait()
         dist.barrier(group=group)

@@ -349,8 +349,7 @@ class StageTrainer:
 
     def _write_checkpoint(self, written: WrittenFiles, directory: Path) -> None:
         """This rank's files of a checkpoint of the current step, each hashed as it is written: the manifest needs no
-        second read of the checkpoint. (DeepSpeed also copies its recovery scripts, zero_to_fp32.py and the like,
-        outside its checkpoint engine: no resume reads them, and the manifest does not list them.)"""
+        second read of the checkpoint."""
         # A frozen weight never changes: a LoRA stage rebuilds its base from its initial weights, so only adapters are
         # saved (ZeRO-2 would otherwise add its copy of every frozen weight).
         with hashed_saves(self.engine, written), without_redundant_sync(self.engine):
