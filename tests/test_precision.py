@@ -13,7 +13,8 @@ import torch
 
 from gloo_spawn import run_on_gloo
 from raylm.trainer import precision
-from raylm.trainer.precision import Precision, choose_precision, cpu_prefers_bf16, decide, measure_matmul_rates, probe_sizes
+from raylm.trainer.precision import (Precision, choose_precision, cpu_prefers_bf16, decide, measure_matmul_rates, probe_sizes,
+                                    slow_bf16_warning)
 
 CPU = torch.device("cpu")
 WIDTH = 768
@@ -48,6 +49,26 @@ def test_explicit_precision_is_used_as_given_without_measuring(monkeypatch, devi
         assert chosen.record() == {"precision": name, "precision_basis": "train.precision"}
         # No collective either: this runs without a process group.
         assert choose_precision(name, device, 1, WIDTH) == chosen
+
+
+@pytest.mark.parametrize("rates, warned", [((0.55e9, 33e9), True), ((0.9e12, 1.0e12), True), ((1.0e12, 1.0e12), False),
+                                           ((8.0e12, 1.0e12), False)])
+def test_an_explicit_bf16_on_a_cpu_is_measured_on_rank_0_and_named_where_it_is_slower_than_fp32(monkeypatch, rates, warned):
+    monkeypatch.setattr(precision, "measure_matmul_rates", lambda device, width: rates)
+    chosen = choose_precision("bf16", CPU, 0, WIDTH)
+    assert chosen == Precision(True, "train.precision", rates)
+    warning = slow_bf16_warning(chosen)
+    if warned:
+        assert warning.startswith(f"bf16 matmuls at this model's width run at {rates[0] / rates[1]:.2g}x fp32's on this CPU")
+        assert warning.endswith("set train.precision=fp32, or auto to let raylm measure and choose")
+    else:
+        assert warning is None
+    # Only rank 0 measures (no collective), and fp32 or a GPU needs no measurement.
+    monkeypatch.setattr(precision, "measure_matmul_rates", _must_not_measure)
+    assert choose_precision("bf16", CPU, 1, WIDTH) == Precision(True, "train.precision")
+    assert choose_precision("fp32", CPU, 0, WIDTH) == Precision(False, "train.precision")
+    assert choose_precision("bf16", torch.device("cuda", 0), 0, WIDTH) == Precision(True, "train.precision")
+    assert slow_bf16_warning(Precision(True, "train.precision")) is None
 
 
 @pytest.mark.parametrize("capability, auto_is_bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])

@@ -4,11 +4,15 @@
 bf16 matmuls, measured here with the rank's threads at the model's width, run at least ``BF16_MIN_SPEEDUP``
 times fp32's. Rank 0 alone decides and broadcasts the decision: ranks measuring for themselves could land on
 both sides of the threshold, and DeepSpeed hangs or fails when ranks build their engines in different precisions.
+
+An explicit ``bf16`` on a CPU is measured too, on rank 0 alone: a CPU without bf16 units (AVX2 only) emulates its
+matmuls at a small fraction of fp32's rate (0.55 against 33 GFLOP/s at 256^3 on one AVX2 core), and the stage
+would run several times slower than in fp32 without a word; it is told (``slow_bf16_warning``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -46,7 +50,7 @@ class Precision:
     basis: str
     """'train.precision' (set explicitly), 'gpu capability X.Y' or 'measured matmul peaks' (both 'auto')."""
     rates: Optional[MatmulRates] = None
-    """(bf16, fp32) matmul FLOP/s rank 0 measured, when 'auto' measured them."""
+    """(bf16, fp32) matmul FLOP/s rank 0 measured, when 'auto' (or an explicit bf16 on a CPU) measured them."""
 
     @property
     def name(self) -> str:
@@ -96,9 +100,25 @@ def decide(precision: str, device: torch.device, width: int) -> Precision:
 
 def choose_precision(precision: str, device: torch.device, rank: int, width: int) -> Precision:
     """Every rank's precision for a stage training a model ``width`` wide; under 'auto' rank 0's decision, broadcast
-    over the default group (a collective: every rank calls it, before building its engine)."""
+    over the default group (a collective: every rank calls it, before building its engine). An explicit bf16 on a
+    CPU is taken as given, rank 0 measuring the rates for ``slow_bf16_warning`` (no collective)."""
     if precision != "auto":
-        return decide(precision, device, width)
+        given = decide(precision, device, width)
+        if given.bf16 and device.type == "cpu" and rank == 0:
+            return replace(given, rates=measure_matmul_rates(device, width))
+        return given
     chosen = [decide(precision, device, width) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
+
+
+def slow_bf16_warning(chosen: Precision) -> Optional[str]:
+    """What to tell a user whose bf16 stage runs its matmuls slower than fp32 would, or None."""
+    if not chosen.bf16 or chosen.rates is None or chosen.rates[0] >= chosen.rates[1]:
+        return None
+    bf16_rate, fp32_rate = chosen.rates
+    # Without bf16 units (AVX2 alone) torch emulates them, at a few percent of fp32's rate; with them, products as
+    # narrow as a tiny model's can still lose to fp32.
+    return (f"bf16 matmuls at this model's width run at {bf16_rate / fp32_rate:.2g}x fp32's on this CPU "
+            f"({bf16_rate / 1e12:.3g} against {fp32_rate / 1e12:.3g} TFLOP/s measured), so this stage trains slower than "
+            "it would in fp32; set train.precision=fp32, or auto to let raylm measure and choose")

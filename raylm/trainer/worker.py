@@ -36,7 +36,7 @@ from raylm.trainer.layout import CONFIG_FILE, FINAL_DIR, METRICS_FILE, STAGE_SUM
 from raylm.trainer.metrics import MetricsFile, WandbRun, read_records, restart_event
 from raylm.trainer.mfu import Peak, configured_peak, measured_peak, mfu
 from raylm.trainer.phases import Phases
-from raylm.trainer.precision import choose_precision
+from raylm.trainer.precision import choose_precision, slow_bf16_warning
 from raylm.trainer.schedule import lr_factor
 from raylm.trainer.session import Session
 from raylm.trainer.sample import sample_text
@@ -152,6 +152,9 @@ class StageTrainer:
         self.phases.mark("process_group")
         self.precision = choose_precision(self.cfg.train.precision, self.ctx.device, self.ctx.rank, self.cfg.model.d_model)
         self.bf16 = self.precision.bf16
+        warning = slow_bf16_warning(self.precision)
+        if warning is not None:
+            print(f"[raylm] warning: stage {self.stage.name}: {warning}", flush=True)
         self.phases.mark("precision")
         self.data = load_stage_data(run_dir, self.run, stage_index, leader=self.ctx.rank == 0, barrier=dist.barrier)
         self.phases.mark("data")
