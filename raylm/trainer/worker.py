@@ -245,7 +245,7 @@ class StageTrainer:
             # seeded) weights starts from them exactly: made again from their source, or, for LoRA's few
             # adapter weights (drawn in add_lora), copied before.
             set_master_weights(engine, self.par, weights if adapters is None else lambda name, tp_rank, tp: adapters[name])
-        keep_fp32_grad_norm(engine)
+        keep_fp32_grad_norm(engine, self.par.groups)
         return engine
 
     # ----------------------------------------------------------------- logging
