@@ -71,7 +71,7 @@ def validate_parallel(run: RunConfig) -> None:
         )
     if p.pp > 1 and p.zero_stage == 0 and m.tie_embeddings and run.optim.grad_clip > 0:
         raise UserError(
-            f"parallel.zero_stage=0 with parallel.pp={p.pp}: DeepSpeed 0.19.8 clips gradients without ZeRO by a norm that counts the "
+            f"parallel.zero_stage=0 with parallel.pp={p.pp}: without ZeRO the pipeline clips gradients by a norm that counts the "
             "tied embedding on both pipeline ends; set parallel.zero_stage=1 (or model.tie_embeddings=false, or optim.grad_clip=0)"
         )
     kv = m.n_kv_head or m.n_head
