@@ -18,6 +18,8 @@ LAYOUTS = {
     "tp2-dp2-zero2-recompute": ["parallel.tp=2", "parallel.zero_stage=2", "parallel.activation_checkpointing=true"],
     "tp2-dp2-zero3": ["parallel.tp=2", "parallel.zero_stage=3"],
     "pp2-dp2-zero1-recompute": ["parallel.pp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"],
+    # Without ZeRO raylm clips by its own norm: the tied embedding, on both pipeline ends, counts once.
+    "pp2-dp2-zero0": ["parallel.pp=2", "parallel.zero_stage=0"],
 }
 
 

@@ -69,11 +69,6 @@ def validate_parallel(run: RunConfig) -> None:
         raise UserError(
             f"parallel.zero_stage={p.zero_stage} cannot run with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports ZeRO 0 or 1; set parallel.zero_stage=1"
         )
-    if p.pp > 1 and p.zero_stage == 0 and m.tie_embeddings and run.optim.grad_clip > 0:
-        raise UserError(
-            f"parallel.zero_stage=0 with parallel.pp={p.pp}: without ZeRO the pipeline clips gradients by a norm that counts the "
-            "tied embedding on both pipeline ends; set parallel.zero_stage=1 (or model.tie_embeddings=false, or optim.grad_clip=0)"
-        )
     kv = m.n_kv_head or m.n_head
     if m.n_head % p.tp or kv % p.tp:
         raise UserError(
