@@ -34,15 +34,16 @@ def _tied_copies(module) -> Set[int]:
             for attr in comm["weight_attr"]}
 
 
-def whole_grad_norm(params: List[torch.nn.Parameter], tied_elsewhere: Set[int], groups: ParallelGroups) -> torch.Tensor:
-    """The 2-norm of every gradient of the model replica (a collective over ``groups.mp_group``): a weight split by
-    tensor parallelism counts on every tensor rank, any other on tensor rank 0 alone, and a tied weight on its
-    first stage."""
+def whole_grad_norm(params: List[torch.nn.Parameter], tied_elsewhere: Set[int], groups: ParallelGroups,
+                    device: torch.device) -> torch.Tensor:
+    """The 2-norm of every gradient of the model replica (a collective over ``groups.mp_group``, on ``device``): a
+    weight split by tensor parallelism counts on every tensor rank, any other on tensor rank 0 alone, and a tied
+    weight on its first stage."""
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
     counted = [p.grad.detach().float().norm() for p in params
                if id(p) not in tied_elsewhere and (groups.tp_rank == 0 or is_model_parallel_parameter(p))]
-    squares = torch.stack(counted).pow(2).sum() if counted else torch.zeros((), device=params[0].grad.device)
+    squares = torch.stack(counted).pow(2).sum() if counted else torch.zeros((), device=device)
     dist.all_reduce(squares, group=groups.mp_group)
     return squares.sqrt()
 
@@ -56,7 +57,7 @@ def keep_fp32_grad_norm(engine, groups: ParallelGroups) -> None:
 
     def clip_and_keep_norm() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = whole_grad_norm(params, tied_elsewhere, groups)
+        norm = whole_grad_norm(params, tied_elsewhere, groups, engine.device)
         factor = (engine.gradient_clipping() / (norm + EPS)).clamp(max=1.0)
         for param in params:
             param.grad.detach().mul_(factor)
