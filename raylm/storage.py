@@ -185,9 +185,6 @@ class Uploads:
     def start(self, local: Path, rel: str) -> None:
         self._started[rel] = self._pool.submit(self.store.upload, local, rel)
 
-    def started(self, rel: str) -> bool:
-        return rel in self._started
-
     def wait(self) -> None:
         """Return once every upload is done; the first failure raises."""
         try:

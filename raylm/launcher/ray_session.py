@@ -103,13 +103,10 @@ class RaySession:
 
     def _upload(self, staging: Path, rel: str, group: Optional[dist.ProcessGroup]) -> None:
         """Every rank's files into ``rel`` of the bucket, then (after a barrier) rank 0's manifest: the checkpoint
-        never looks complete before it is. Most files are on their way already (``written``); several go up at
+        never looks complete before it is. Each file went up as soon as it was written (``written``: every file but
+        the manifest goes through raylm's ledger, DeepSpeed's recovery scripts are not written); several go up at
         once, where Ray's own upload sends one file, one part at a time (its guard against an Arrow deadlock fixed
         in Arrow 19)."""
-        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
-            name = path.relative_to(staging).as_posix()
-            if not self._uploads.started(f"{rel}/{name}"):  # written outside raylm's writers (none that raylm knows of)
-                self._uploads.start(path, f"{rel}/{name}")
         self._uploads.wait()
         dist.barrier(group=group)
         if (staging / MANIFEST).is_file():
