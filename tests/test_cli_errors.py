@@ -41,6 +41,7 @@ def in_tmp(tmp_path, monkeypatch):
         (["launch", "--nme", "x"], "unrecognized arguments: --nme"),
         (["config", "show", "stages.1.kind=dpo"], "stages.1.kind='dpo'"),
         (["config", "show", "model=[1, 2]"], "'model' must be a mapping of model.* keys"),
+        (["launch", "stages.finetune.train.max_steps=3"], "stages has 2 items, so 'finetune' names none of them"),
         (["plan", "--gpu-mem", "lots"], "--gpu-mem 'lots' is not a size"),
         (["generate"], "the following arguments are required: run"),
         (["eval", "some-run", "--max-batches", "0"], "argument --max-batches: 0 must be >= 1"),

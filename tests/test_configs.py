@@ -36,6 +36,21 @@ def test_stage_overrides_merge_onto_sections():
     assert sft.data.source == "builtin:pydoc-sft"
 
 
+def test_a_stage_is_named_by_index_or_by_name_in_overrides():
+    by_name = load_config("tiny", ["stages.sft.train.max_steps=3", "stages.pretrain.optim.lr=0.5"])
+    by_index = load_config("tiny", ["stages.1.train.max_steps=3", "stages.0.optim.lr=0.5"])
+    assert by_name == by_index
+    assert resolve_stage(by_name, 1).train.max_steps == 3 and resolve_stage(by_name, 0).optim.lr == 0.5
+
+
+@pytest.mark.parametrize("key", ["stages.sftx.train.max_steps", "stages.2.train.max_steps", "stages.-3.train.max_steps"])
+def test_an_override_of_a_stage_that_does_not_exist_lists_the_ones_that_do(key):
+    with pytest.raises(UserError) as err:
+        load_config("tiny", [f"{key}=3"])
+    assert f"override '{key}=3': stages has 2 items" in str(err.value)
+    assert "use an index 0..1 or a stage name (pretrain, sft)" in str(err.value)
+
+
 def test_a_stage_that_names_its_corpus_does_not_inherit_the_other_one(tmp_path: Path):
     """data.source and data.sources exclude each other; the most specific level says which one a stage reads."""
     (tmp_path / "web.jsonl").write_text('{"text": "x"}\n')

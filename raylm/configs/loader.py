@@ -174,12 +174,40 @@ def _start_null_sections(cfg: DictConfig, key: str) -> None:
             OmegaConf.update(cfg, prefix, OmegaConf.structured(section), merge=False)
 
 
+def _with_list_indices(cfg: DictConfig, key: str, item: str) -> str:
+    """``key`` with every list item named by its index; a stage may be named by its name (``stages.sft.lora.rank``).
+
+    OmegaConf takes only in-range integers there (a name raises a bare TypeError; an index past the end
+    would append an empty item).
+    """
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            prefix = ".".join(parts[:i])
+            names = [str(entry.get("name")) for entry in node] if prefix == "stages" else []
+            if part in names:
+                part = parts[i] = str(names.index(part))
+            if not re.fullmatch(r"-?\d+", part) or not -len(node) <= int(part) < len(node):
+                named = f" or a stage name ({', '.join(names)})" if names else ""
+                raise UserError(f"override '{item}': {prefix} has {len(node)} items, so '{part}' names none of them; "
+                                f"use an index 0..{len(node) - 1}{named}")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break
+    return ".".join(parts)
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """Apply ``key=value`` items in order; list items by index (``stages.1.kind=sft``)."""
+    """Apply ``key=value`` items in order; list items by index (``stages.1.kind=sft``), stages also by name
+    (``stages.sft.kind=sft``)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' must look like key=value (e.g. train.max_steps=50)")
+        key = _with_list_indices(cfg, key, item)
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
