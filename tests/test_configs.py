@@ -81,6 +81,8 @@ def test_yaml_round_trip(tmp_path: Path):
         (["train.max_steps=abc"], "train.max_steps"),
         (["train.max_steps=0"], "train.max_steps=0 must be > 0"),
         (["train.global_batch_size=-4"], "train.global_batch_size=-4 must be > 0"),
+        (["optim.lr=nan"], "optim.lr=nan must be a finite number > 0"),
+        (["fault.hang_timeout_s=.inf"], "fault.hang_timeout_s=inf must be a finite number > 0"),
         (["model.n_head=5"], "model.n_head=5 must divide model.d_model=128"),
         (["model.n_head=8", "model.d_model=24"], "head size"),
         (["model.n_kv_head=3"], "model.n_kv_head=3 must divide model.n_head=4"),

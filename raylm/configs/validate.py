@@ -24,8 +24,10 @@ BUILTIN_SOURCES = {"pretrain": ("builtin:pydoc",), "sft": ("builtin:pydoc-sft",)
 def _positive(value: float, key: str, strict: bool = True) -> None:
     if value is None:
         return
+    bound = "> 0" if strict else ">= 0"
+    if not math.isfinite(value):  # nan compares False with everything
+        raise UserError(f"{key}={value} must be a finite number {bound}")
     if (strict and value <= 0) or (not strict and value < 0):
-        bound = "> 0" if strict else ">= 0"
         raise UserError(f"{key}={value} must be {bound}")
 
 
