@@ -63,14 +63,16 @@ def _listening(root) -> set:
 
 
 def _titles(root) -> set:
-    """The process titles of ``root``'s descendants (Ray names an actor's process ``ray::<class>``)."""
+    """(process title, whether torch's library is loaded) of ``root``'s descendants (Ray names an actor's process
+    ``ray::<class>``)."""
     import psutil
 
     found = set()
     for proc in root.children(recursive=True):
         try:
-            found.add(proc.cmdline()[0])
-        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                found.add((proc.cmdline()[0], "libtorch" in maps.read()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError, OSError):
             pass
     return found
 
@@ -127,8 +129,19 @@ def test_an_embedded_cluster_starts_no_preemption_watcher(watched_run):
     """Nothing drains the one node an embedded cluster has: Ray Train's watcher for drains would be a process per
     worker group start polling for nothing."""
     _, _, titles = watched_run
-    assert {"ray::TrainController", "ray::RayTrainWorker"} <= titles, titles
-    assert not any(title.startswith("ray::PreemptionWatcher") for title in titles), titles
+    assert {"ray::TrainController", "ray::RayTrainWorker"} <= {title for title, _ in titles}, titles
+    assert not any(title.startswith("ray::PreemptionWatcher") for title, _ in titles), titles
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ray_train_starts_no_process_the_run_does_not_use(watched_run):
+    """Start-up is CPU every launch pays: no DatasetManager (raylm hands Ray no datasets), and Ray Train's
+    controller, which trains nothing, never loads torch (the workers do)."""
+    _, _, titles = watched_run
+    assert ("ray::RayTrainWorker", True) in titles, titles
+    assert ("ray::TrainController", False) in titles and ("ray::TrainController", True) not in titles, titles
+    assert not any(title == "ray::DatasetManager" for title, _ in titles), titles
 
 
 def test_tp_groups_on_one_node_pass():

@@ -7,28 +7,25 @@ from pathlib import Path
 from typing import List
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-from ray.train.backend import Backend
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from raylm import storage
+from raylm.cluster.backend import WorkersOnlyConfig
 from raylm.configs.schema import RunConfig
 from raylm.launcher.ray_entry import train_loop_per_worker
 
 
-class _WorkersOnly(Backend):
-    """Ray's torch set-up without its process group: ``ray_entry`` creates that, its store on the node's address.
+class _RaylmTrainer(TorchTrainer):
+    """Ray's TorchTrainer less its Ray Data set-up, since raylm hands it no datasets.
 
-    Like Ray's torch backend, every worker on a node sees all of the node's
-    GPUs (LOCAL_RANK picks its own, NCCL reaches its neighbours').
+    Ray Train (2.60) starts a DatasetManager actor at every worker group start, datasets or not: a process that
+    imports ray.train and Ray Data (~3 CPU-seconds) to serve nothing. Where a Ray version lacks this hook, nothing
+    changes.
     """
 
-    share_cuda_visible_devices = True
-
-
-class _RaylmTorchConfig(TorchConfig):
-    @property
-    def backend_cls(self):
-        return _WorkersOnly
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        return callbacks if self.datasets else [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
 
 
 def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: RunConfig, use_gpu: bool, relay) -> TorchTrainer:
@@ -41,13 +38,14 @@ def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: Ru
     # first restart may still count the node's resources and wait this long.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.placement_timeout_s)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    backend = "nccl" if use_gpu else "gloo"
     # Ray Train's run directory is raylm's: a checkpoint named <stage>/step_N lands in the stage's directory.
     parent, name = (store.root.rsplit("/", 1) if store else (str(run_dir.parent), run_dir.name))
-    return TorchTrainer(
+    return _RaylmTrainer(
         train_loop_per_worker,
         train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_indices": stage_indices,
-                           "backend": "nccl" if use_gpu else "gloo", "relay": relay},
-        torch_config=_RaylmTorchConfig(),
+                           "backend": backend, "relay": relay},
+        torch_config=WorkersOnlyConfig(backend=backend),
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
             num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,
