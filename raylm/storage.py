@@ -27,11 +27,13 @@ from collections import deque
 from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple, TypeVar
 from urllib.parse import parse_qs
 
 from raylm.errors import UserError, first_line
 from raylm.files import sha256_of
+
+T = TypeVar("T")
 
 SCHEMES = ("s3", "gs", "gcs")
 CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
@@ -200,6 +202,8 @@ def check_uri(uri: str, key: str = "runs_dir") -> None:
     if scheme not in SCHEMES:
         raise UserError(f"{key}={uri}: raylm stores runs on a local or shared path, s3:// or gs://, not {scheme}://; "
                         f"use one of those")
+    if not uri.partition("://")[2].partition("?")[0].strip("/"):
+        raise UserError(f"{key}={uri}: names no bucket; use {scheme}://BUCKET/PREFIX")
     given = parse_qs(uri.partition("?")[2])
     if any(k in given for k in CREDENTIAL_KEYS):
         raise UserError(f"{key}={uri.partition('?')[0]}?...: credentials do not belong in a URI (it is saved in configs and logs); "
@@ -248,6 +252,15 @@ def check_writable(store: Store, key: str = "runs_dir") -> None:
         store.fs.delete_file(store.path(probe))
     except Exception as err:  # OSError from pyarrow with the store's own message
         raise UserError(f"{key}={store.display()}: cannot write there ({_store_problem(err, store)})") from None
+
+
+def looked_up(store: Store, key: str, read: Callable[[Store], T]) -> T:
+    """``read(store)`` with the probe's retries: an unreachable endpoint, a missing bucket or refused credentials stop
+    here, in one line naming ``key`` (a URI the user gave: a run to resume, --runs-dir to list)."""
+    try:
+        return read(_probing(store))
+    except Exception as err:  # OSError from pyarrow with the store's own message
+        raise UserError(f"{key}={store.display()}: cannot read there ({_store_problem(err, store)})") from None
 
 
 AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",

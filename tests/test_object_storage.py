@@ -174,6 +174,11 @@ def test_a_store_that_cannot_hold_the_run_is_refused_before_anything_starts(endp
     assert "runs_dir=s3://no-such-bucket/runs: cannot write there (the bucket does not exist; create it first)" in missing
     unreachable = one_line_error(capsys, *base, "runs_dir=s3://bucket/runs?endpoint_override=http://127.0.0.1:9")
     assert "runs_dir=s3://bucket/runs: cannot write there (the endpoint cannot be reached" in unreachable
+    # Reading a run (resume, status, generate ...) or a runs directory there is refused the same way.
+    for command in (["resume", "s3://bucket/runs/x?endpoint_override=http://127.0.0.1:9"],
+                    ["status", "--runs-dir", "s3://bucket/runs?endpoint_override=http://127.0.0.1:9"]):
+        assert "=s3://bucket/runs" in (line := one_line_error(capsys, *command)) and "cannot read there (the endpoint cannot be reached" in line
+    assert "runs_dir=s3://: names no bucket; use s3://BUCKET/PREFIX" in one_line_error(capsys, *base, "runs_dir=s3://")
     assert "runs_dir=ftp://host/runs: raylm stores runs on a local or shared path, s3:// or gs://" in one_line_error(
         capsys, *base, "runs_dir=ftp://host/runs")
     assert "credentials do not belong in a URI" in one_line_error(capsys, *base, f"runs_dir={runs}&access_key=y&secret_key=x")

@@ -92,7 +92,8 @@ def list_runs(runs_dir: str) -> List[Path]:
     """The runs under ``runs_dir`` (a directory or a store URI), oldest first."""
     if storage.is_uri(runs_dir):
         store = storage.open_store(runs_dir, key="--runs-dir")
-        return [rundir.locate(name, runs_dir) for name in sorted(store.subdirs()) if store.is_file(f"{name}/{CONFIG_FILE}")]
+        names = storage.looked_up(store, "--runs-dir", lambda store: sorted(store.subdirs()))
+        return [rundir.locate(name, runs_dir) for name in names if store.is_file(f"{name}/{CONFIG_FILE}")]
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []

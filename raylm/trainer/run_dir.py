@@ -119,8 +119,9 @@ def locate(run: str, runs_dir: str = "runs") -> Path:
     """A run given as a path, a URI or a name under runs_dir (for a run in object storage: this machine's
     view of it, holding its config and metrics)."""
     if storage.is_uri(run) or storage.is_uri(runs_dir):
-        store = storage.open_store(run, key="RUN") if storage.is_uri(run) else storage.open_store(runs_dir, key="--runs-dir").child(run)
-        if not store.is_file(CONFIG_FILE):
+        key = "RUN" if storage.is_uri(run) else "--runs-dir"
+        store = storage.open_store(run, key=key) if storage.is_uri(run) else storage.open_store(runs_dir, key=key).child(run)
+        if not storage.looked_up(store, key, lambda store: store.is_file(CONFIG_FILE)):
             raise UserError(f"no run at {store.display()} (no {CONFIG_FILE} there); 'raylm status --runs-dir URI' lists runs")
         view = storage.view_of(store)
         storage.pull(view, CONFIG_FILE)
