@@ -190,6 +190,11 @@ def test_resume_may_change_the_layout_but_not_the_model():
         with_resume_overrides(run, ["model.d_model=256"])
     with pytest.raises(UserError, match="--set stages.0.data.source cannot change on resume"):
         with_resume_overrides(run, ["stages.0.data.source=builtin:pydoc"])
+    with pytest.raises(UserError, match="--set stages.sft.data.source cannot change on resume"):
+        with_resume_overrides(run, ["stages.sft.data.source=builtin:pydoc"])
+    assert resolve_stage(with_resume_overrides(run, ["stages.sft.train.max_steps=40"]), 1).train.max_steps == 40
+    with pytest.raises(UserError, match="--set train.max_steps must look like key=value"):
+        with_resume_overrides(run, ["train.max_steps"])
 
 
 @pytest.mark.parametrize(

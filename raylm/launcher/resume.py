@@ -34,14 +34,16 @@ SAFE_ON_RESUME = (
 
 
 def is_safe(key: str) -> bool:
-    section_key = re.sub(r"^stages\.\d+\.", "", key)
+    section_key = re.sub(r"^stages\.[^.]+\.", "", key)  # a stage by index or by name
     return any(section_key == safe or (safe.endswith(".") and section_key.startswith(safe)) for safe in SAFE_ON_RESUME)
 
 
 def with_resume_overrides(run: RunConfig, overrides: Iterable[str]) -> RunConfig:
     overrides = list(overrides)
     for item in overrides:
-        key = item.partition("=")[0]
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item} must look like key=value (e.g. --set train.max_steps=200)")
         if not is_safe(key):
             raise UserError(
                 f"--set {key} cannot change on resume (it changes the model or the data order); "
