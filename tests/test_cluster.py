@@ -136,12 +136,13 @@ def test_an_embedded_cluster_starts_no_preemption_watcher(watched_run):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ray_train_starts_no_process_the_run_does_not_use(watched_run):
-    """Start-up is CPU every launch pays: no DatasetManager (raylm hands Ray no datasets), and Ray Train's
+    """Start-up is CPU every launch pays: no DatasetManager (raylm hands Ray no datasets), no PlacementGroupCleaner
+    (it asks the State API, which an embedded cluster, started without a dashboard, lacks), and Ray Train's
     controller, which trains nothing, never loads torch (the workers do)."""
     _, _, titles = watched_run
     assert ("ray::RayTrainWorker", True) in titles, titles
     assert ("ray::TrainController", False) in titles and ("ray::TrainController", True) not in titles, titles
-    assert not any(title == "ray::DatasetManager" for title, _ in titles), titles
+    assert not any(title in ("ray::DatasetManager", "ray::PlacementGroupCleaner") for title, _ in titles), titles
 
 
 def test_tp_groups_on_one_node_pass():
@@ -154,3 +155,19 @@ def test_tp_group_across_nodes_is_refused():
     assert tp_groups_split_across_nodes(["a", "b", "b", "b"], groups) == [[0, 1]]
     with pytest.raises(UserError, match="span several nodes"):
         check_tp_placement(["a", "b", "b", "b"], groups)
+
+
+@pytest.mark.parametrize("has_state_api", [True, False])
+def test_the_placement_group_cleaner_runs_where_the_state_api_does(has_state_api):
+    """Where Ray's dashboard serves the State API (a cluster given by address, usually) Ray Train's cleaner is kept;
+    Ray Data's set-up never is. Fails too if this Ray names its callbacks otherwise (the filter would miss them)."""
+    from ray.train import ScalingConfig
+
+    from raylm.cluster.backend import WorkersOnlyConfig
+    from raylm.launcher.trainer import _RaylmTrainer
+
+    trainer = _RaylmTrainer(lambda: None, torch_config=WorkersOnlyConfig(), scaling_config=ScalingConfig(num_workers=1),
+                            has_state_api=has_state_api)
+    names = {type(callback).__name__ for callback in trainer._create_default_callbacks()}
+    assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names and "DatasetsCallback" not in names
+    assert ("PlacementGroupCleanerCallback" in names) == has_state_api

@@ -137,7 +137,7 @@ def run_fit(run_dir: Path, run: RunConfig, indices: List[int], info: ClusterInfo
     fit_began = time.time()
     try:
         with pump:
-            _fit(fit_trainer(run_dir, run, indices, cfgs[0], use_gpu, relay), run_dir, run, indices)
+            _fit(fit_trainer(run_dir, run, indices, cfgs[0], use_gpu, relay, info.embedded), run_dir, run, indices)
     except Exception:
         _complete_finished(run_dir, run, indices, pump, prepare_s, fit_began, time.time(), console)
         raise

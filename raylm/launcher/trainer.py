@@ -16,22 +16,32 @@ from raylm.launcher.ray_entry import train_loop_per_worker
 
 
 class _RaylmTrainer(TorchTrainer):
-    """Ray's TorchTrainer less its Ray Data set-up, since raylm hands it no datasets.
+    """Ray's TorchTrainer less two actors a raylm run has no use for, each a process that imports Ray Train and Ray
+    Data (3-4 CPU-seconds of a launch; Ray 2.60, and where a Ray version lacks this hook nothing changes):
 
-    Ray Train (2.60) starts a DatasetManager actor at every worker group start, datasets or not: a process that
-    imports ray.train and Ray Data (~3 CPU-seconds) to serve nothing. Where a Ray version lacks this hook, nothing
-    changes.
+    - the DatasetManager Ray Train starts with every worker group, datasets or not: raylm hands it none;
+    - on a cluster without Ray's dashboard (the embedded one), the PlacementGroupCleaner, a detached actor that asks
+      the State API every second whether the controller lives so as to free its placement group if it died: without
+      a dashboard every ask fails (a warning a second in its log), so it could never act.
     """
 
+    def __init__(self, *args, has_state_api: bool, **kwargs):
+        self._has_state_api = has_state_api
+        super().__init__(*args, **kwargs)
+
     def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        return callbacks if self.datasets else [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
+        unused = set() if self.datasets else {"DatasetsCallback"}
+        if not self._has_state_api:
+            unused.add("PlacementGroupCleanerCallback")
+        return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
 
-def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: RunConfig, use_gpu: bool, relay) -> TorchTrainer:
+def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: RunConfig, use_gpu: bool, relay,
+                embedded: bool) -> TorchTrainer:
     """One Ray Train run for the stages ``stage_indices``, which share ``cfg.cluster`` and ``cfg.fault`` (``cfg`` is
-    the first one's resolved config). ``run_dir`` is visible to every node, or the driver's view of a run in object
-    storage (then Ray Train writes checkpoints to the store and workers fetch from it)."""
+    the first one's resolved config), on the embedded cluster (started without a dashboard) or one given by address.
+    ``run_dir`` is visible to every node, or the driver's view of a run in object storage (then Ray Train writes
+    checkpoints to the store and workers fetch from it)."""
     store = storage.store_of(run_dir)
     c = cfg.cluster
     # Ray Train hands this to the run's controller; after a node is lost its
@@ -46,6 +56,7 @@ def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: Ru
         train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_indices": stage_indices,
                            "backend": backend, "relay": relay},
         torch_config=WorkersOnlyConfig(backend=backend),
+        has_state_api=not embedded,
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
             num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,
