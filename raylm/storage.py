@@ -243,24 +243,30 @@ def _probing(store: Store) -> Store:
     return store
 
 
+def _through_probe(store: Store, key: str, doing: str, action: Callable[[Store], T]) -> T:
+    """``action`` on ``store`` with the probe's retries; what pyarrow raises (an unreachable endpoint, a missing bucket,
+    refused credentials) becomes one line naming ``key`` and the fix."""
+    try:
+        return action(_probing(store))
+    except Exception as err:  # OSError from pyarrow with the store's own message
+        raise UserError(f"{key}={store.display()}: cannot {doing} there ({_store_problem(err, store)})") from None
+
+
 def check_writable(store: Store, key: str = "runs_dir") -> None:
     """Write and delete a probe object: an unreachable endpoint, a missing bucket or refused credentials stop here."""
     probe = f".raylm-probe-{uuid.uuid4().hex[:12]}"
-    store = _probing(store)
-    try:
-        store.write_bytes(probe, b"")
-        store.fs.delete_file(store.path(probe))
-    except Exception as err:  # OSError from pyarrow with the store's own message
-        raise UserError(f"{key}={store.display()}: cannot write there ({_store_problem(err, store)})") from None
+
+    def write_and_delete(probing: Store) -> None:
+        probing.write_bytes(probe, b"")
+        probing.fs.delete_file(probing.path(probe))
+
+    _through_probe(store, key, "write", write_and_delete)
 
 
 def looked_up(store: Store, key: str, read: Callable[[Store], T]) -> T:
-    """``read(store)`` with the probe's retries: an unreachable endpoint, a missing bucket or refused credentials stop
-    here, in one line naming ``key`` (a URI the user gave: a run to resume, --runs-dir to list)."""
-    try:
-        return read(_probing(store))
-    except Exception as err:  # OSError from pyarrow with the store's own message
-        raise UserError(f"{key}={store.display()}: cannot read there ({_store_problem(err, store)})") from None
+    """``read(store)``, failing as ``check_writable`` does: for a URI the user gave to read (a run to resume,
+    --runs-dir to list)."""
+    return _through_probe(store, key, "read", read)
 
 
 AWS_CREDENTIAL_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
