@@ -96,3 +96,16 @@ def deepspeed_config(run: RunConfig, dp_size: int, bf16: bool) -> dict:
         # lost accuracy on 2+ ranks in DeepSpeed issue 3979).
         config.update({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"})
     return config
+
+
+def skip_single_replica_allreduce(engine, dp_size: int, stage: int) -> None:
+    """Turn off DeepSpeed's gradient all-reduce where there is one data-parallel replica and no ZeRO optimizer.
+
+    DeepSpeed 0.19.8's ZeRO-0 engine reduces every step even over a group of one: it flattens all gradients
+    into one buffer, all-reduces it, divides by 1 and copies it back (~4% of a one-worker step here). Over one
+    rank that is the identity, bit for bit. ZeRO >= 1 keeps it: its optimizer's reduce also fills the buffers
+    its step reads. The pipeline engine's tied-weight reduction is another path and is kept.
+    """
+    if dp_size == 1 and stage == 0:
+        engine.enable_backward_allreduce = False
+        engine.pipeline_enable_backward_allreduce = False

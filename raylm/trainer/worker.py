@@ -58,7 +58,7 @@ from raylm.parallelism.layout_free import LAYOUT_FREE_DIR, OPTIMIZER_FILE, layou
 from raylm.parallelism.materialize import WeightSource, fresh_weights, materialize, stored_weights
 from raylm.parallelism.masters import consolidated_state_dict, fp32_weights, optimizer_state_bytes, set_master_weights
 from raylm.parallelism.topology import Topology, build_checkpoint_groups, group_timeout_s
-from raylm.parallelism.zero import deepspeed_config, micro_batch_size, micro_batches
+from raylm.parallelism.zero import deepspeed_config, deepspeed_zero_stage, micro_batch_size, micro_batches, skip_single_replica_allreduce
 
 
 def _shape(cfg: ModelConfig) -> Dict[str, object]:
@@ -245,6 +245,7 @@ class StageTrainer:
             # seeded) weights starts from them exactly: made again from their source, or, for LoRA's few
             # adapter weights (drawn in add_lora), copied before.
             set_master_weights(engine, self.par, weights if adapters is None else lambda name, tp_rank, tp: adapters[name])
+        skip_single_replica_allreduce(engine, self.dp_size, deepspeed_zero_stage(self.cfg.parallel.zero_stage, self.bf16))
         keep_fp32_grad_norm(engine, self.par.groups)
         return engine
 
