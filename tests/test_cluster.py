@@ -2,7 +2,9 @@
 
 import ipaddress
 import re
+import signal
 import threading
+import time
 
 import pytest
 
@@ -131,6 +133,20 @@ def test_an_embedded_cluster_starts_no_preemption_watcher(watched_run):
     _, _, titles = watched_run
     assert {"ray::TrainController", "ray::RayTrainWorker"} <= {title for title, _ in titles}, titles
     assert not any(title.startswith("ray::PreemptionWatcher") for title, _ in titles), titles
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_finished_fit_puts_back_the_ctrl_c_handler_and_leaves_no_controller(watched_run):
+    """Ray Train installs its own Ctrl-C handler for fit(); left installed, it held the controller's handle, so in a
+    process that goes on (these tests, a Ray Job's entrypoint) a finished run's controller actor lived on."""
+    import psutil
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    deadline = time.time() + 60
+    while any(title == "ray::TrainController" for title, _ in _titles(psutil.Process())):
+        assert time.time() < deadline, "a finished run's Ray Train controller still runs"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow

@@ -81,6 +81,9 @@ def start_or_connect(
         # Ray Train would start a watcher per worker group that polls for node drains (an autoscaler's or a cloud's
         # notice); nothing drains the one node this process starts. Set before ray.init: the raylet inherits it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray 2.60 turns token authentication on for a new local cluster and says so in a warning at every launch;
+        # the embedded cluster keeps it (RAY_AUTH_MODE=disabled opts out, as in Ray), without the notice.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             address="local",  # never attach to some other cluster found on this machine
             num_cpus=local_cpus or os.cpu_count(),

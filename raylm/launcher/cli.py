@@ -497,8 +497,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StageFailed as err:
         print(f"raylm: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("raylm: interrupted; continue later with 'raylm resume <run>'", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A run's stages say which run; elsewhere (data preparation, Ray's start) the run may not exist yet.
+        print(f"raylm: interrupted; {err or 'continue later with raylm resume <run>, if it started'}", file=sys.stderr)
         return 130
 
 

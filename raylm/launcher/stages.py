@@ -238,8 +238,11 @@ def run_all(run_dir: Path, run: RunConfig, info: Optional[ClusterInfo], console:
         else:
             todo.append(index)
     summaries: Dict[int, Dict] = {}
-    for indices in fits(run, todo):
-        summaries.update(zip(indices, run_fit(run_dir, run, indices, info, console)))
+    try:
+        for indices in fits(run, todo):
+            summaries.update(zip(indices, run_fit(run_dir, run, indices, info, console)))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"continue with 'raylm resume {storage.where(run_dir)}'") from None
     stages = [summaries[index] if index in summaries else rundir.stage_summary(run_dir, stage.name) for index, stage in enumerate(run.stages)]
     summary = {"run": run.name, "run_dir": storage.where(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

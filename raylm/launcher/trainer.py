@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import List
 
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -16,8 +19,16 @@ from raylm.launcher.ray_entry import train_loop_per_worker
 
 
 class _RaylmTrainer(TorchTrainer):
-    """Ray's TorchTrainer less two actors a raylm run has no use for, each a process that imports Ray Train and Ray
-    Data (3-4 CPU-seconds of a launch; Ray 2.60, and where a Ray version lacks this hook nothing changes):
+    """Ray's TorchTrainer with raylm's Ctrl-C, less two actors a raylm run has no use for (Ray 2.60's hooks; where a
+    Ray version lacks one, Ray's behaviour stays).
+
+    Ctrl-C aborts the run as Ray Train's own handler does (the controller stops the worker group), then raises
+    KeyboardInterrupt in the driver, which says how to resume and exits 130; Ray's handler left ``fit()`` through
+    ``sys.exit``, which ended ``raylm launch`` with status 1 and no word. Each fit's handler goes with it: Ray's
+    stayed installed, holding the controller's handle, so in a process that fits again (the tests) a finished
+    controller's actor lived on.
+
+    The two actors, each a process that imports Ray Train and Ray Data (3-4 CPU-seconds of a launch):
 
     - the DatasetManager Ray Train starts with every worker group, datasets or not: raylm hands it none;
     - on a cluster without Ray's dashboard (the embedded one), the PlacementGroupCleaner, a detached actor that asks
@@ -28,6 +39,25 @@ class _RaylmTrainer(TorchTrainer):
     def __init__(self, *args, has_state_api: bool, **kwargs):
         self._has_state_api = has_state_api
         super().__init__(*args, **kwargs)
+
+    def fit(self):
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            return super().fit()
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
+
+    def _register_sigint_handler(self, controller) -> None:
+        def interrupt(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops waiting for the abort
+            try:
+                ray.get(controller.abort.remote())
+            except ray.exceptions.RayActorError:
+                pass  # the controller had already ended
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, interrupt)
 
     def _create_default_callbacks(self):
         unused = set() if self.datasets else {"DatasetsCallback"}
