@@ -16,6 +16,15 @@ class StageFailed(Exception):
     """A stage ran out of restarts; the message says where its logs are and how to resume."""
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a scheduler's preemption, a Ray Job's stop) ended the work; ``how`` says
+    how to continue it. The CLI exits with 128 + the signal's number, as a shell reports a process a signal ended."""
+
+    def __init__(self, signum: int, how: str):
+        super().__init__(how)
+        self.signum, self.how = signum, how
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message in one line (some libraries write several), for a UserError to quote."""
     text = str(err).strip()

@@ -1,5 +1,5 @@
-"""Ctrl-C during `raylm launch`: the workers stop, the launch says how to continue and exits 130, and every process
-it started ends with it."""
+"""Ctrl-C (SIGINT) or SIGTERM (kill, a scheduler's preemption) during `raylm launch`: the workers stop, the launch
+says how to continue and exits 128 + the signal, and every process it started ends with it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from faults import latest_step, wait_for
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ctrl_c_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_path, capsys):
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_path, capsys, signum, said):
     run_dir = tmp_path / "runs" / "stopped"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         launch = subprocess.Popen(
@@ -29,12 +30,12 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_path,
             assert launch.poll() is None, (tmp_path / "err.txt").read_text()
             started = psutil.Process(launch.pid).children(recursive=True)
             assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in started)
-            launch.send_signal(signal.SIGINT)
-            assert launch.wait(timeout=120) == 130
+            launch.send_signal(signum)
+            assert launch.wait(timeout=120) == 128 + signum
         finally:
             if launch.poll() is None:
                 launch.kill()
-    assert (tmp_path / "err.txt").read_text().splitlines() == [f"raylm: interrupted; continue with 'raylm resume {run_dir}'"]
+    assert (tmp_path / "err.txt").read_text().splitlines() == [f"raylm: {said}; continue with 'raylm resume {run_dir}'"]
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     code, status, _ = cli_here(capsys, "status", str(run_dir))

@@ -6,6 +6,7 @@ Every user mistake is a ``UserError``: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import fields, is_dataclass
@@ -498,9 +499,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"raylm: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        # A run's stages say which run; elsewhere (data preparation, Ray's start) the run may not exist yet.
-        print(f"raylm: interrupted; {err or 'continue later with raylm resume <run>, if it started'}", file=sys.stderr)
-        return 130
+        # A run's stages say which run (Stopped); elsewhere (data preparation, Ray's start) it may not exist yet.
+        signum = getattr(err, "signum", signal.SIGINT)
+        how = getattr(err, "how", "continue later with raylm resume <run>, if it started")
+        print(f"raylm: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; {how}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

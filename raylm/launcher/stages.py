@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from raylm import storage
 from raylm.cluster.connect import ClusterInfo, check_capacity, wants_gpu
 from raylm.configs.loader import resolve_stage
 from raylm.configs.schema import RunConfig, StageConfig
-from raylm.errors import StageFailed, UserError
+from raylm.errors import StageFailed, Stopped, UserError
 from raylm.trainer import run_dir as rundir
 from raylm.launcher.plots import plot_stage_loss
 from raylm.launcher.timeline import stage_timeline
@@ -241,8 +242,8 @@ def run_all(run_dir: Path, run: RunConfig, info: Optional[ClusterInfo], console:
     try:
         for indices in fits(run, todo):
             summaries.update(zip(indices, run_fit(run_dir, run, indices, info, console)))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"continue with 'raylm resume {storage.where(run_dir)}'") from None
+    except KeyboardInterrupt as err:
+        raise Stopped(getattr(err, "signum", signal.SIGINT), f"continue with 'raylm resume {storage.where(run_dir)}'") from None
     stages = [summaries[index] if index in summaries else rundir.stage_summary(run_dir, stage.name) for index, stage in enumerate(run.stages)]
     summary = {"run": run.name, "run_dir": storage.where(run_dir), "seconds": round(time.time() - started, 1), "stages": stages}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -15,18 +15,23 @@ from ray.train.torch import TorchTrainer
 from raylm import storage
 from raylm.cluster.backend import WorkersOnlyConfig
 from raylm.configs.schema import RunConfig
+from raylm.errors import Stopped
 from raylm.launcher.ray_entry import train_loop_per_worker
+
+
+_STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
 class _RaylmTrainer(TorchTrainer):
     """Ray's TorchTrainer with raylm's Ctrl-C, less two actors a raylm run has no use for (Ray 2.60's hooks; where a
     Ray version lacks one, Ray's behaviour stays).
 
-    Ctrl-C aborts the run as Ray Train's own handler does (the controller stops the worker group), then raises
-    KeyboardInterrupt in the driver, which says how to resume and exits 130; Ray's handler left ``fit()`` through
-    ``sys.exit``, which ended ``raylm launch`` with status 1 and no word. Each fit's handler goes with it: Ray's
-    stayed installed, holding the controller's handle, so in a process that fits again (the tests) a finished
-    controller's actor lived on.
+    Ctrl-C (and SIGTERM: ``kill``, a scheduler's preemption, a Ray Job's stop) aborts the run as Ray Train's own
+    Ctrl-C handler does (the controller stops the worker group), then raises ``Stopped`` in the driver, which says
+    how to resume and exits 128 + the signal. Ray's handler left ``fit()`` through ``sys.exit``, which ended
+    ``raylm launch`` with status 1 and no word, and SIGTERM met Ray's C++ handler, which printed a stack dump. Each
+    fit's handlers go with it: Ray's stayed installed, holding the controller's handle, so in a process that fits
+    again (the tests) a finished controller's actor lived on.
 
     The two actors, each a process that imports Ray Train and Ray Data (3-4 CPU-seconds of a launch):
 
@@ -41,23 +46,31 @@ class _RaylmTrainer(TorchTrainer):
         super().__init__(*args, **kwargs)
 
     def fit(self):
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {signum: signal.getsignal(signum) for signum in _STOPPING}
+        self._stopped_by = signal.SIGINT
         try:
             return super().fit()
+        except KeyboardInterrupt:
+            # Raised by the handler inside ray.get, which hands on a KeyboardInterrupt of its own: the signal is here.
+            raise Stopped(self._stopped_by, "continue later with raylm resume <run>") from None
         finally:
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, previous)
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     def _register_sigint_handler(self, controller) -> None:
-        def interrupt(signum, frame):
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops waiting for the abort
+        def stop(signum, frame):
+            for each in _STOPPING:
+                signal.signal(each, signal.default_int_handler)  # a second signal stops waiting for the abort
             try:
                 ray.get(controller.abort.remote())
             except ray.exceptions.RayActorError:
                 pass  # the controller had already ended
+            self._stopped_by = signum
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGINT, interrupt)
+        for signum in _STOPPING:
+            signal.signal(signum, stop)
 
     def _create_default_callbacks(self):
         unused = set() if self.datasets else {"DatasetsCallback"}
