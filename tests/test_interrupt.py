@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import TINY_PRETRAIN, cli_here
+from conftest import TINY_PRETRAIN, cli_here, finished_run
 from faults import latest_step, wait_for
 
 
@@ -40,3 +40,20 @@ def test_a_signal_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_pat
     assert not alive, [p.cmdline() for p in alive]
     code, status, _ = cli_here(capsys, "status", str(run_dir))
     assert code == 0 and "interrupted" in status
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ctrl_c_in_another_command_ends_it_with_130_and_no_resume_advice(tmp_path):
+    """`raylm generate --interactive` waiting for a prompt: nothing there to resume."""
+    run_dir = finished_run(tmp_path / "runs")
+    generate = subprocess.Popen([sys.executable, "-m", "raylm.launcher.cli", "generate", str(run_dir), "--interactive"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "an empty line or Ctrl-D ends" in generate.stderr.readline()
+        generate.send_signal(signal.SIGINT)
+        assert generate.wait(timeout=60) == 130
+    finally:
+        if generate.poll() is None:
+            generate.kill()
+    assert generate.stderr.read().splitlines() == ["raylm: interrupted"]

@@ -499,10 +499,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"raylm: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        # A run's stages say which run (Stopped); elsewhere (data preparation, Ray's start) it may not exist yet.
+        # A run's stages say how to continue (Stopped); any other command's Ctrl-C has nothing to continue.
         signum = getattr(err, "signum", signal.SIGINT)
-        how = getattr(err, "how", "continue later with raylm resume <run>, if it started")
-        print(f"raylm: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; {how}", file=sys.stderr)
+        how = getattr(err, "how", None)
+        print(f"raylm: {'terminated' if signum == signal.SIGTERM else 'interrupted'}{f'; {how}' if how else ''}", file=sys.stderr)
         return 128 + signum
 
 
