@@ -21,7 +21,7 @@ def test_a_signal_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_pat
     run_dir = tmp_path / "runs" / "stopped"
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         launch = subprocess.Popen(
-            [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "stopped", *TINY_PRETRAIN, "train.max_steps=100000",
+            [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "stopped", *TINY_PRETRAIN, "train.max_steps=100000", "cluster.num_workers=1",
              f"runs_dir={tmp_path / 'runs'}"],
             cwd=tmp_path, stdout=out, stderr=err,
         )
