@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -13,33 +14,45 @@ import pytest
 from conftest import TINY_PRETRAIN, cli_here, finished_run
 from faults import latest_step, wait_for
 
+SIGNALS = {"interrupted": signal.SIGINT, "terminated": signal.SIGTERM}
+
+
+def _launch(tmp_path: Path, name: str) -> subprocess.Popen:
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", name, *TINY_PRETRAIN, "train.max_steps=100000",
+             "cluster.num_workers=1", f"runs_dir={tmp_path / 'runs'}"],
+            cwd=tmp_path, stdout=out, stderr=err,
+        )
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")], ids=["ctrl-c", "sigterm"])
-def test_a_signal_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_path, capsys, signum, said):
-    run_dir = tmp_path / "runs" / "stopped"
-    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        launch = subprocess.Popen(
-            [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "stopped", *TINY_PRETRAIN, "train.max_steps=100000", "cluster.num_workers=1",
-             f"runs_dir={tmp_path / 'runs'}"],
-            cwd=tmp_path, stdout=out, stderr=err,
-        )
-        try:
-            wait_for(lambda: latest_step(run_dir) >= 2 or launch.poll() is not None, "step 2")
-            assert launch.poll() is None, (tmp_path / "err.txt").read_text()
-            started = psutil.Process(launch.pid).children(recursive=True)
-            assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in started)
-            launch.send_signal(signum)
-            assert launch.wait(timeout=120) == 128 + signum
-        finally:
+def test_a_signal_stops_the_run_says_how_to_resume_and_leaves_no_process(tmp_path, capsys):
+    """Two launches side by side (each on its own embedded cluster): one gets Ctrl-C, the other SIGTERM."""
+    launches = {said: _launch(tmp_path, said) for said in SIGNALS}
+    try:
+        started = {}
+        for said, launch in launches.items():
+            run_dir = tmp_path / "runs" / said
+            wait_for(lambda: latest_step(run_dir) >= 2 or launch.poll() is not None, f"step 2 of the run to be {said}")
+            assert launch.poll() is None, (tmp_path / f"{said}.err").read_text()
+            started[said] = psutil.Process(launch.pid).children(recursive=True)
+            assert any("RayTrainWorker" in " ".join(p.cmdline()) for p in started[said])
+            launch.send_signal(SIGNALS[said])
+        for said, launch in launches.items():
+            assert launch.wait(timeout=120) == 128 + SIGNALS[said], said
+    finally:
+        for launch in launches.values():
             if launch.poll() is None:
                 launch.kill()
-    assert (tmp_path / "err.txt").read_text().splitlines() == [f"raylm: {said}; continue with 'raylm resume {run_dir}'"]
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not alive, [p.cmdline() for p in alive]
-    code, status, _ = cli_here(capsys, "status", str(run_dir))
-    assert code == 0 and "interrupted" in status
+    for said in SIGNALS:
+        run_dir = tmp_path / "runs" / said
+        assert (tmp_path / f"{said}.err").read_text().splitlines() == [f"raylm: {said}; continue with 'raylm resume {run_dir}'"]
+        _, alive = psutil.wait_procs(started[said], timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+        code, status, _ = cli_here(capsys, "status", str(run_dir))
+        assert code == 0 and "interrupted" in status
 
 
 @pytest.mark.slow
