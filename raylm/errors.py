@@ -17,10 +17,11 @@ class StageFailed(Exception):
 
 
 class Stopped(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a scheduler's preemption, a Ray Job's stop) ended the work; ``how`` says
-    how to continue it. The CLI exits with 128 + the signal's number, as a shell reports a process a signal ended."""
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, a scheduler's preemption, a Ray Job's stop) ended the work; ``how``, if
+    given, says how to continue it. The CLI exits with 128 + the signal's number, as a shell reports a process a
+    signal ended."""
 
-    def __init__(self, signum: int, how: str):
+    def __init__(self, signum: int, how: str = ""):
         super().__init__(how)
         self.signum, self.how = signum, how
 

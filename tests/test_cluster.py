@@ -183,7 +183,26 @@ def test_the_placement_group_cleaner_runs_where_the_state_api_does(has_state_api
     from raylm.launcher.trainer import _RaylmTrainer
 
     trainer = _RaylmTrainer(lambda: None, torch_config=WorkersOnlyConfig(), scaling_config=ScalingConfig(num_workers=1),
-                            has_state_api=has_state_api)
+                            has_state_api=has_state_api, has_autoscaler=has_state_api)
     names = {type(callback).__name__ for callback in trainer._create_default_callbacks()}
     assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names and "DatasetsCallback" not in names
     assert ("PlacementGroupCleanerCallback" in names) == has_state_api
+
+
+def test_a_fixed_size_run_without_an_autoscaler_asks_none():
+    """Ray's fixed-size policy, as Ray Train makes it, is replaced by one that creates no autoscaling coordinator (a
+    process the controller waits for) and decides as Ray's does; the elastic policy, which sizes the group from
+    what the coordinator reserved, stays."""
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision, create_scaling_policy
+    from ray.train.v2.api.config import ScalingConfig
+
+    from raylm.cluster.scaling import without_autoscaler
+
+    fixed = without_autoscaler(create_scaling_policy(ScalingConfig(num_workers=2)))
+    assert type(fixed).__name__ == "_FixedWithoutAutoscaler"
+    fixed.after_controller_start(None)
+    decision = fixed.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+    assert fixed._coordinator_client is None
+    elastic = create_scaling_policy(ScalingConfig(num_workers=(1, 2)))
+    assert without_autoscaler(elastic) is elastic

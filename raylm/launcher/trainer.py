@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 
 from raylm import storage
 from raylm.cluster.backend import WorkersOnlyConfig
+from raylm.cluster.scaling import without_autoscaler
 from raylm.configs.schema import RunConfig
 from raylm.errors import Stopped
 from raylm.launcher.ray_entry import train_loop_per_worker
@@ -23,7 +24,7 @@ _STOPPING = (signal.SIGINT, signal.SIGTERM)
 
 
 class _RaylmTrainer(TorchTrainer):
-    """Ray's TorchTrainer with raylm's Ctrl-C, less two actors a raylm run has no use for (Ray 2.60's hooks; where a
+    """Ray's TorchTrainer with raylm's Ctrl-C, less three actors a raylm run has no use for (Ray 2.60's hooks; where a
     Ray version lacks one, Ray's behaviour stays).
 
     Ctrl-C (and SIGTERM: ``kill``, a scheduler's preemption, a Ray Job's stop) aborts the run as Ray Train's own
@@ -33,17 +34,25 @@ class _RaylmTrainer(TorchTrainer):
     fit's handlers go with it: Ray's stayed installed, holding the controller's handle, so in a process that fits
     again (the tests) a finished controller's actor lived on.
 
-    The two actors, each a process that imports Ray Train and Ray Data (3-4 CPU-seconds of a launch):
+    The actors, each a process that imports Ray Train and Ray Data (2-4 CPU-seconds of a launch):
 
     - the DatasetManager Ray Train starts with every worker group, datasets or not: raylm hands it none;
     - on a cluster without Ray's dashboard (the embedded one), the PlacementGroupCleaner, a detached actor that asks
       the State API every second whether the controller lives so as to free its placement group if it died: without
-      a dashboard every ask fails (a warning a second in its log), so it could never act.
+      a dashboard every ask fails (a warning a second in its log), so it could never act;
+    - on a cluster without an autoscaler (the embedded one), the fixed-size policy's ``_AutoscalingCoordinatorActor``,
+      which the controller waits for before the first worker group (``raylm.cluster.scaling``).
     """
 
-    def __init__(self, *args, has_state_api: bool, **kwargs):
+    def __init__(self, *args, has_state_api: bool, has_autoscaler: bool, **kwargs):
         self._has_state_api = has_state_api
+        self._has_autoscaler = has_autoscaler
         super().__init__(*args, **kwargs)
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if not self._has_autoscaler and "scaling_policy" in controller_init_kwargs:
+            controller_init_kwargs["scaling_policy"] = without_autoscaler(controller_init_kwargs["scaling_policy"])
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def fit(self):
         previous = {signum: signal.getsignal(signum) for signum in _STOPPING}
@@ -52,7 +61,7 @@ class _RaylmTrainer(TorchTrainer):
             return super().fit()
         except KeyboardInterrupt:
             # Raised by the handler inside ray.get, which hands on a KeyboardInterrupt of its own: the signal is here.
-            raise Stopped(self._stopped_by, "continue later with raylm resume <run>") from None
+            raise Stopped(self._stopped_by) from None
         finally:
             if threading.current_thread() is threading.main_thread():
                 for signum, handler in previous.items():
@@ -100,6 +109,7 @@ def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: Ru
                            "backend": backend, "relay": relay},
         torch_config=WorkersOnlyConfig(backend=backend),
         has_state_api=not embedded,
+        has_autoscaler=not embedded,
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
             num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,
