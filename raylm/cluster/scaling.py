@@ -9,17 +9,21 @@ Unpickled by the controller, so this module imports neither torch nor raylm's pe
 
 from __future__ import annotations
 
-from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+try:
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+except ImportError:  # a Ray (pyproject allows >= 2.50) that keeps it elsewhere: its own policy stays
+    FixedScalingPolicy = None
+else:
+    class _FixedWithoutAutoscaler(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # Ray's registers the workers' resources with the coordinator, creating it
 
-
-class _FixedWithoutAutoscaler(FixedScalingPolicy):
-    def after_controller_start(self, train_run_context) -> None:
-        pass  # Ray's registers the workers' resources with the coordinator, creating it
-
-    def _maybe_send_resource_request(self) -> None:
-        pass
+        def _maybe_send_resource_request(self) -> None:
+            pass
 
 
 def without_autoscaler(policy):
     """``policy`` less its requests to an autoscaler, where it is Ray's fixed-size one; any other as it is."""
-    return _FixedWithoutAutoscaler(policy.scaling_config) if type(policy) is FixedScalingPolicy else policy
+    if FixedScalingPolicy is None or type(policy) is not FixedScalingPolicy:
+        return policy
+    return _FixedWithoutAutoscaler(policy.scaling_config)
