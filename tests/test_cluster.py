@@ -173,8 +173,8 @@ def test_tp_group_across_nodes_is_refused():
         check_tp_placement(["a", "b", "b", "b"], groups)
 
 
-@pytest.mark.parametrize("has_state_api", [True, False])
-def test_the_placement_group_cleaner_runs_where_the_state_api_does(has_state_api):
+@pytest.mark.parametrize("embedded", [False, True])
+def test_the_placement_group_cleaner_runs_where_the_state_api_does(embedded):
     """Where Ray's dashboard serves the State API (a cluster given by address, usually) Ray Train's cleaner is kept;
     Ray Data's set-up never is. Fails too if this Ray names its callbacks otherwise (the filter would miss them)."""
     from ray.train import ScalingConfig
@@ -183,10 +183,10 @@ def test_the_placement_group_cleaner_runs_where_the_state_api_does(has_state_api
     from raylm.launcher.trainer import _RaylmTrainer
 
     trainer = _RaylmTrainer(lambda: None, torch_config=WorkersOnlyConfig(), scaling_config=ScalingConfig(num_workers=1),
-                            has_state_api=has_state_api, has_autoscaler=has_state_api)
+                            embedded=embedded)
     names = {type(callback).__name__ for callback in trainer._create_default_callbacks()}
     assert {"BackendSetupCallback", "AcceleratorSetupCallback"} <= names and "DatasetsCallback" not in names
-    assert ("PlacementGroupCleanerCallback" in names) == has_state_api
+    assert ("PlacementGroupCleanerCallback" in names) == (not embedded)
 
 
 def test_a_fixed_size_run_without_an_autoscaler_asks_none():

@@ -44,13 +44,12 @@ class _RaylmTrainer(TorchTrainer):
       which the controller waits for before the first worker group (``raylm.cluster.scaling``).
     """
 
-    def __init__(self, *args, has_state_api: bool, has_autoscaler: bool, **kwargs):
-        self._has_state_api = has_state_api
-        self._has_autoscaler = has_autoscaler
+    def __init__(self, *args, embedded: bool, **kwargs):
+        self._embedded = embedded  # started by raylm without a dashboard (no State API) and without an autoscaler
         super().__init__(*args, **kwargs)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        if not self._has_autoscaler and "scaling_policy" in controller_init_kwargs:
+        if self._embedded and "scaling_policy" in controller_init_kwargs:
             controller_init_kwargs["scaling_policy"] = without_autoscaler(controller_init_kwargs["scaling_policy"])
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
@@ -83,7 +82,7 @@ class _RaylmTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         unused = set() if self.datasets else {"DatasetsCallback"}
-        if not self._has_state_api:
+        if self._embedded:
             unused.add("PlacementGroupCleanerCallback")
         return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in unused]
 
@@ -108,8 +107,7 @@ def fit_trainer(run_dir: Path, run: RunConfig, stage_indices: List[int], cfg: Ru
         train_loop_config={"run_dir": str(run_dir), "run_uri": store.uri if store else None, "stage_indices": stage_indices,
                            "backend": backend, "relay": relay},
         torch_config=WorkersOnlyConfig(backend=backend),
-        has_state_api=not embedded,
-        has_autoscaler=not embedded,
+        embedded=embedded,
         scaling_config=ScalingConfig(
             # Elastic: Ray starts as many workers as the cluster holds between the bounds, on every (re)start.
             num_workers=(c.min_workers, c.num_workers) if c.min_workers is not None else c.num_workers,
