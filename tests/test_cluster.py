@@ -10,10 +10,11 @@ import pytest
 
 from conftest import TINY_PRETRAIN, launch_in_process, read_metrics
 from raylm.cluster.placement import check_tp_placement, tp_groups_split_across_nodes
+from raylm.configs.schema import FaultConfig
 from raylm.errors import UserError
 from raylm.parallelism.topology import Topology
 
-HANG_TIMEOUT_S = 123  # no default: the process groups must carry exactly this
+HANG_TIMEOUT_S = 123  # no default: the process groups must carry exactly its collective timeout
 
 
 @pytest.mark.slow
@@ -118,11 +119,11 @@ def test_embedded_run_listens_on_loopback_only(watched_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_process_group_timeout_is_the_hang_timeout(watched_run):
+def test_process_groups_wait_the_collective_timeout(watched_run):
     """Read back from the live groups of a real Ray run: the default group and raylm's tp/dp/pp groups."""
     run_dir, _, _ = watched_run
     (start,) = read_metrics(run_dir, kind="start")
-    assert start["pg_timeout_s"] == HANG_TIMEOUT_S
+    assert start["pg_timeout_s"] == FaultConfig(hang_timeout_s=HANG_TIMEOUT_S).collective_timeout().total_seconds() > HANG_TIMEOUT_S
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ explain keys (``raylm config keys``) and error messages can quote them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
 
@@ -127,7 +128,14 @@ class ClusterConfig:
 @dataclass
 class FaultConfig:
     max_failures: int = _f(2, "Worker-group restarts Ray Train may do before the stage fails (stages that share a worker group share the budget).")
-    hang_timeout_s: float = _f(600.0, "A collective that waits longer than this fails the worker group, which then restarts.")
+    hang_timeout_s: float = _f(600.0, "A rank that makes no progress for this long (a frozen peer, a deadlocked collective, a stalled write) exits, and its worker group restarts.")
+
+    def collective_timeout(self) -> timedelta:
+        """How long one collective of raylm's process groups waits for its peers: the hang timeout and a grace of a
+        tenth of it (at least 1 s). A rank's heartbeat runs out first and says so in one line; a collective running
+        out at the same moment would race it and fail the group with the backend's own error instead. Where no
+        heartbeat runs (set-up, loading a checkpoint) the collective's timeout is what ends a hang."""
+        return timedelta(seconds=self.hang_timeout_s + max(1.0, self.hang_timeout_s / 10))
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from datetime import timedelta
 from pathlib import Path
 from typing import List
 
@@ -80,7 +79,7 @@ def _join_process_group(backend: str, cfg: RunConfig, rank: int, active: int, de
         import torch
 
         torch.cuda.set_device(device)  # NCCL's communicators use the current device from the first collective on
-    timeout = timedelta(seconds=cfg.fault.hang_timeout_s)
+    timeout = cfg.fault.collective_timeout()
     # The store owns the listening socket from here (detach: Python must not close it too).
     store = dist.TCPStore(host, port, active, is_master=listener is not None, timeout=timeout,
                           master_listen_fd=listener.detach() if listener else None)

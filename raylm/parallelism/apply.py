@@ -10,7 +10,6 @@ the loss to use on its outputs and the data-parallel coordinates
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable, Optional, Set
 
 import torch
@@ -69,7 +68,7 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 def build_parallel_model(model: nn.Module, run: RunConfig, rank: int, world_size: int, weights: WeightSource) -> ParallelModel:
     """This rank's part of ``model`` (laid out on ``meta``), its weights given their values from ``weights``; a collective call."""
     topology = Topology.for_world(run.parallel.tp, run.parallel.pp, world_size)
-    groups = build_groups(topology, rank, timedelta(seconds=run.fault.hang_timeout_s))
+    groups = build_groups(topology, rank, run.fault.collective_timeout())
     module = apply_tensor_parallel(model, groups.tp_group) if topology.tp > 1 else model
     loss_fn = tp_loss_fn(groups.tp_group) if topology.tp > 1 else cross_entropy_loss
     if topology.pp > 1:

@@ -10,7 +10,6 @@ import functools
 import os
 import random
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable, List
 
 import numpy as np
@@ -50,7 +49,7 @@ def init_distributed(run: RunConfig, device: torch.device) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=run.fault.hang_timeout_s),
+            timeout=run.fault.collective_timeout(),
             device_id=device if device.type == "cuda" else None,
         )
     _skip_deepspeed_start_up_work()

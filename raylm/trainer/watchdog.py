@@ -37,9 +37,11 @@ class HangWatchdog:
         self._last = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+        # Wake at the deadline itself, not on a poll: the process groups' collectives give up only a short grace
+        # after it (``FaultConfig.collective_timeout``), and this line must come first.
+        while True:
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle >= self.timeout_s:
                 print(
                     f"[raylm] {self.what}: no progress for {idle:.0f} s (fault.hang_timeout_s={self.timeout_s:g}); "
                     "exiting so the worker group restarts from the last complete checkpoint",
@@ -47,3 +49,5 @@ class HangWatchdog:
                     flush=True,
                 )
                 os._exit(HANG_EXIT_CODE)
+            if self._stop.wait(self.timeout_s - idle):
+                return

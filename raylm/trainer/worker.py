@@ -13,7 +13,6 @@ import json
 import math
 import time
 from dataclasses import asdict, replace
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -183,7 +182,7 @@ class StageTrainer:
         self.par: ParallelModel = build_parallel_model(dense, self.cfg, self.ctx.rank, self.ctx.world_size, weights)
         self.dp_rank, self.dp_size = self.par.dp_rank, self.par.dp_size
         # The writer thread of asynchronous checkpoints gathers the layout-free copy and commits over groups of its own.
-        self.checkpoint_groups = (build_checkpoint_groups(self.par.topology, self.ctx.rank, timedelta(seconds=self.cfg.fault.hang_timeout_s))
+        self.checkpoint_groups = (build_checkpoint_groups(self.par.topology, self.ctx.rank, self.cfg.fault.collective_timeout())
                                   if self.cfg.train.async_checkpoint else None)
         self.saves = CheckpointSaves(self.session, self.log, self.checkpoint_groups.world_group if self.checkpoint_groups else None)
         self.accum = micro_batches(self.cfg, self.dp_size)
