@@ -190,7 +190,7 @@ def test_a_worker_killed_during_an_async_save_resumes_from_the_previous_checkpoi
 def test_middle_pipeline_stage_is_not_taken_for_hung(tmp_path):
     """pp=3: the middle stage never reads a batch, yet trains on past fault.hang_timeout_s (its watchdog would end
     its process, and the run with it: the ranks run on gloo, with no restart to hide it)."""
-    hang_timeout = 10  # the process-group timeout too: shorter risks startup skew between workers on 2 cores
+    hang_timeout = 10  # the process groups wait a second more: shorter risks startup skew between workers on 2 cores
     run_on_gloo(train_runs, 3, tmp_path, {"pp3": [
         *TINY_PRETRAIN, "model.n_layer=6", "parallel.pp=3", "parallel.zero_stage=1", "cluster.num_workers=3",
         "train.max_steps=100", "train.log_every=10", f"fault.hang_timeout_s={hang_timeout}"]})
