@@ -18,14 +18,15 @@ import sys, time, torch, torch.distributed as dist
 from raylm.configs.schema import FaultConfig
 from raylm.trainer.watchdog import HangWatchdog
 rank, store_path, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-fault = FaultConfig(hang_timeout_s=timeout_s)
-dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2, timeout=fault.collective_timeout())
+# The rendezvous waits as long as either rank's start-up takes; the group under test waits as raylm's do.
+dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+group = dist.new_group([0, 1], timeout=FaultConfig(hang_timeout_s=timeout_s).collective_timeout())
 if rank == 1:
     time.sleep(60)
 with HangWatchdog(timeout_s, "rank 0 of stage pretrain") as watchdog:
     time.sleep(timeout_s / 20)  # a step's beat comes at any moment, not in time with the watchdog's own clock
     watchdog.beat()
-    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1), group=group)
 """
 
 
