@@ -107,6 +107,11 @@ def test_yaml_round_trip(tmp_path: Path):
         (["stages.1.kind=rlhf"], "stages.1.kind='rlhf'"),
         (["stages.1.name=pretrain"], "used twice"),
         (["stages.1.train.max_stepz=3"], "stages.1.train.max_stepz"),
+        # A known key with a bad value suggests nothing (it had suggested the key itself).
+        (["stages.1.optim.lr=abc"], "stage 'sft': bad key 'stages.1.optim.lr': Value 'abc'"),
+        # A list element's unknown key is named with the element's path (OmegaConf names only 'pathz').
+        (["stages.0.data={sources: [{pathz: x}]}"], "unknown key 'stages.0.data.sources.0.pathz' (did you mean 'stages.0.data.sources.0.path'?)"),
+        (["data.sources=[{path: 'builtin:pydoc', wieght: 1}]"], "unknown key 'data.sources.0.wieght' (did you mean 'data.sources.0.weight'?)"),
         (["stages.0.init_from=/no/such/dir"], "stages.0.init_from"),
         (["stages=[]"], "stages is empty"),
         (["train.max_steps"], "must look like key=value"),
