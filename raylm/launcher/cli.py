@@ -6,6 +6,8 @@ Every user mistake is a ``UserError``: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import signal
 import sys
 import time
@@ -488,7 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_final_collection() -> None:
+    """Leave the objects alive at exit to the operating system: the interpreter's last garbage collection walks every
+    object torch, Ray and the rest made (1.2 s of a `raylm launch`'s exit on 2 cores) only to free memory the process
+    gives back anyway. Reference counting still closes files and runs finalizers; only cycles are left."""
+    gc.freeze()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    # Registered before Ray's shutdown and W&B's finish (ray.init and wandb register theirs later), so it runs after
+    # them; once per process, however often main runs in it.
+    atexit.unregister(_no_final_collection)
+    atexit.register(_no_final_collection)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
