@@ -22,7 +22,7 @@ import math
 import torch
 
 from raylm.configs.schema import ModelConfig
-from raylm.models.llama import ffn_hidden_size
+from raylm.models.shapes import ffn_hidden_size
 
 
 def eps(dtype: torch.dtype = torch.float32) -> float:

@@ -1,5 +1,7 @@
 """Config composition and every validation rule, without Ray."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,13 @@ def test_use_gpu_takes_bare_true_and_false():
     assert load_config("tiny", ["cluster.use_gpu=false"]).cluster.use_gpu == "false"
     run = load_config("tiny", ["stages.0.cluster.use_gpu=true"])
     assert resolve_stage(run, 0).cluster.use_gpu == "true"
+
+
+def test_loading_and_checking_a_config_imports_no_torch():
+    """`raylm config show` and a launch's config errors answer without torch's ~2 s import."""
+    code = ("import sys; from raylm.configs.loader import load_config, resolve_stage; "
+            "run = load_config('tiny', ['parallel.tp=2']); [resolve_stage(run, i) for i in range(len(run.stages))]; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

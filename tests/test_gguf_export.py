@@ -21,7 +21,8 @@ from raylm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer  # n
 from raylm.launcher.cli import main  # noqa: E402
 from raylm.models.generate import stream  # noqa: E402
 from raylm.models.gguf_export import export_gguf, interleave_rope_rows  # noqa: E402
-from raylm.models.llama import Llama, ffn_hidden_size, head_dim, kv_heads  # noqa: E402
+from raylm.models.llama import Llama  # noqa: E402
+from raylm.models.shapes import ffn_hidden_size, head_dim, kv_heads  # noqa: E402
 from raylm.models.weights import load_consolidated, save_consolidated  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -13,7 +13,8 @@ import transformers
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 from raylm.errors import UserError
 from raylm.models.hf import from_hf_state_dict, hf_config, load_hf_dir, model_config_from_hf, save_hf, to_hf_state_dict
-from raylm.models.llama import Llama, ffn_hidden_size
+from raylm.models.llama import Llama
+from raylm.models.shapes import ffn_hidden_size
 from test_model import random_tokens, tiny_config
 
 SHAPES = {

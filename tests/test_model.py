@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from numerics import assert_close, longest_reduction, model_depth, worst_case
 from raylm.configs.schema import ModelConfig
 from raylm.models.flops import flops_per_token, param_count
-from raylm.models.llama import Llama, ffn_hidden_size, num_params
+from raylm.models.llama import Llama, num_params
+from raylm.models.shapes import ffn_hidden_size
 from raylm.models.loss import cross_entropy_loss
 
 

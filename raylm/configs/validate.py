@@ -76,7 +76,7 @@ def validate_parallel(run: RunConfig) -> None:
         raise UserError(
             f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and model.n_kv_head={kv}; choose tp among {_divisors(kv)}"
         )
-    from raylm.models.llama import ffn_hidden_size
+    from raylm.models.shapes import ffn_hidden_size
 
     ffn = ffn_hidden_size(m)
     if ffn % p.tp:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from raylm.configs.schema import ModelConfig
-from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
+from raylm.models.shapes import ffn_hidden_size, head_dim, kv_heads
 
 
 def block_matmul_params(cfg: ModelConfig) -> int:

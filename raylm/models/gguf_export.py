@@ -21,7 +21,7 @@ from raylm.configs.schema import ModelConfig
 from raylm.data.tokenizer import Tokenizer
 from raylm.errors import UserError
 from raylm.models.hf import to_hf_state_dict
-from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
+from raylm.models.shapes import ffn_hidden_size, head_dim, kv_heads
 
 try:
     import gguf

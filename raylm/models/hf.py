@@ -20,7 +20,7 @@ from raylm.configs.schema import ModelConfig
 from raylm.errors import UserError
 from raylm.files import read_json
 from raylm.models.classifier import SCORE_WEIGHT
-from raylm.models.llama import ffn_hidden_size, head_dim, kv_heads
+from raylm.models.shapes import ffn_hidden_size, head_dim, kv_heads
 from raylm.models.weights import POINT_AT_WEIGHTS, Location, check_shapes, header_shapes, read_safetensors
 
 CONFIG_FILE = "config.json"

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from raylm.configs.schema import ModelConfig, RunConfig
 from raylm.models.flops import flops_per_token, param_count
-from raylm.models.llama import ffn_hidden_size
+from raylm.models.shapes import ffn_hidden_size
 from raylm.parallelism.zero import deepspeed_zero_stage, micro_batch_size, micro_batches
 
 GIB = 2**30

@@ -48,7 +48,8 @@ from raylm.trainer.watchdog import HangWatchdog
 from raylm.evals.classification import flat_counts
 from raylm.models.classifier import LlamaClassifier
 from raylm.models.flops import classifier_flops_per_token, distill_flops_per_token, flops_per_token, lora_flops_per_token
-from raylm.models.llama import Llama, ffn_hidden_size, kv_heads, num_params
+from raylm.models.llama import Llama, num_params
+from raylm.models.shapes import ffn_hidden_size, kv_heads
 from raylm.models.lora import ADAPTER_DIR, adapter_weights, add_lora, load_adapters, merged_weights, save_peft_adapter
 from raylm.models.weights import check_weights, save_consolidated, weight_locations
 from raylm.data.sampler import eval_indices
