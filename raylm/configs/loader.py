@@ -265,6 +265,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err, "the config") from None
+    return _normalized(run)
+
+
+def _normalized(run: RunConfig) -> RunConfig:
     # YAML and dotlists read a bare true/false as a boolean, which this str field then holds as 'True'/'False'.
     run.cluster.use_gpu = run.cluster.use_gpu.lower()
     return run
@@ -326,9 +330,7 @@ def resolve_stage(run: RunConfig, index: int) -> RunConfig:
                 f"stage '{stage.name}': bad key '{where}{'.' + key if key else ''}'{_did_you_mean(f'{section}.{key}')}: "
                 f"{str(err).splitlines()[0]}"
             ) from None
-    # As ``to_run_config``: YAML and dotlists read a bare true/false as a boolean, which this str field holds as 'True'.
-    resolved.cluster.use_gpu = resolved.cluster.use_gpu.lower()
-    return resolved
+    return _normalized(resolved)
 
 
 def _drop_inherited_corpus(data: DictConfig, override: dict) -> None:
