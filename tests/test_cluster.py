@@ -191,19 +191,23 @@ def test_the_placement_group_cleaner_runs_where_the_state_api_does(embedded):
 
 
 def test_a_fixed_size_run_without_an_autoscaler_asks_none():
-    """Ray's fixed-size policy, as Ray Train makes it, is replaced by one that creates no autoscaling coordinator (a
-    process the controller waits for) and decides as Ray's does; the elastic policy, which sizes the group from
-    what the coordinator reserved, stays."""
+    """Ray's fixed-size policy, as Ray Train makes it, is replaced on the embedded cluster by one that creates no
+    autoscaling coordinator (a process the controller waits for) and decides as Ray's does; on a cluster given by
+    address it stays. An elastic policy, which sizes the group from what the coordinator reserved, asks it to look
+    at the nodes first (tests/test_elastic.py runs it)."""
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision, create_scaling_policy
     from ray.train.v2.api.config import ScalingConfig
 
-    from raylm.cluster.scaling import without_autoscaler
+    from raylm.cluster.scaling import for_raylm
 
-    fixed = without_autoscaler(create_scaling_policy(ScalingConfig(num_workers=2)))
+    fixed = for_raylm(create_scaling_policy(ScalingConfig(num_workers=2)), embedded=True)
     assert type(fixed).__name__ == "_FixedWithoutAutoscaler"
     fixed.after_controller_start(None)
     decision = fixed.make_decision_for_non_running_worker_group()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
     assert fixed._coordinator_client is None
-    elastic = create_scaling_policy(ScalingConfig(num_workers=(1, 2)))
-    assert without_autoscaler(elastic) is elastic
+    given = create_scaling_policy(ScalingConfig(num_workers=2))
+    assert for_raylm(given, embedded=False) is given
+    for embedded in (True, False):
+        elastic = for_raylm(create_scaling_policy(ScalingConfig(num_workers=(1, 2))), embedded=embedded)
+        assert type(elastic).__name__ == "_ElasticOnCurrentNodes"

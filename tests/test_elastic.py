@@ -30,16 +30,47 @@ def test_spare_workers_wait_and_the_rest_trains_as_one_worker(single_worker, spa
     assert "3 workers started; 2 train" in spare_log and "waits for the stage to finish" in spare_log
 
 
-# Two 2-CPU worker nodes (the head has no CPUs); "remove" and "add" on stdin change them.
+# Two 2-CPU worker nodes (the head has no CPUs); "remove" and "add" on stdin change them. First, an elastic policy as
+# raylm's runs make it sizes a worker group on them, with a third node and once it has gone: the sizes, as JSON.
 CLUSTER_SCRIPT = """
-import sys
+import json, sys, time
+from types import SimpleNamespace
+import ray
 from ray.cluster_utils import Cluster
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import get_or_create_autoscaling_coordinator
+from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+from ray.train.v2.api.config import ScalingConfig
+from raylm.cluster.scaling import for_raylm
+
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 0, "include_dashboard": False,
     "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
 })
 nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
 cluster.wait_for_nodes()
+
+cluster.connect()
+# Up before the policy's first request, which waits 5 s for it (a new process importing Ray Data).
+ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote())
+policy = for_raylm(create_scaling_policy(ScalingConfig(num_workers=(1, 8))), embedded=False)
+policy.after_controller_start(SimpleNamespace(run_id="fresh-view"))
+
+def workers():
+    time.sleep(policy.GET_RESERVED_RESOURCES_INTERVAL_S)  # past the policy's own one-second cache
+    return policy.make_decision_for_non_running_worker_group().num_workers
+
+sizes = [workers()]
+third = cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+sizes.append(workers())
+cluster.remove_node(third)
+while sum(node["Alive"] for node in ray.nodes()) > 3:
+    time.sleep(0.1)
+sizes.append(workers())
+policy._cancel_resource_request()
+ray.shutdown()
+print(json.dumps(sizes), flush=True)
+
 print(cluster.address, flush=True)
 for line in sys.stdin:
     if line.strip() == "remove":
@@ -69,7 +100,11 @@ def _checkpoints_since_start(run_dir: Path, start: int) -> bool:
 
 def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     """tp2 on two 2-CPU nodes: 4 workers (dp2), then 2 (dp1) after a node is removed, then 4 again once one is added;
-    tensor-parallel pairs stay on one node throughout (``raylm launch --address`` on a real multi-node cluster)."""
+    tensor-parallel pairs stay on one node throughout (``raylm launch --address`` on a real multi-node cluster).
+
+    raylm's elastic policy sizes the group from the nodes as they are now: Ray's saw them as its coordinator did up to
+    20 s before (checked first, on the same cluster: 4, 6 and 4 workers on 2, 3 and 2 nodes; Ray's said 4, 4, 4), so
+    the restart after the loss kept trying for 4 workers and the growth came late."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -80,11 +115,13 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
 
     run_dir = tmp_path / "runs" / "elastic"
     try:
+        sizes = cluster.stdout.readline().strip()
+        assert sizes and json.loads(sizes) == [4, 6, 4], sizes
         address = cluster.stdout.readline().strip()
         with open(tmp_path / "launch.log", "w") as log:
             launch = subprocess.Popen(
                 [sys.executable, "-m", "raylm.launcher.cli", "launch", "--name", "elastic", "--address", address, *TINY_PRETRAIN,
-                 "train.max_steps=60", "train.ckpt_every=4", "cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2",
+                 "train.max_steps=45", "train.ckpt_every=4", "cluster.num_workers=4", "cluster.min_workers=2", "parallel.tp=2",
                  "cluster.elastic_check_s=2", "cluster.placement_timeout_s=5", "fault.max_failures=6"],
                 cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
             )
@@ -109,7 +146,7 @@ def test_lost_node_shrinks_the_run_and_an_added_one_grows_it_back(tmp_path):
     train = read_metrics(run_dir)
     # Same global batch throughout: every step adds 16 sequences of 64 tokens.
     assert all(r["tokens"] == r["step"] * 16 * 64 for r in train)
-    assert max(r["step"] for r in train) == 60
+    assert max(r["step"] for r in train) == 45
     # Steps redone after each restart repeat the losses logged before it (same data, same optimizer state), and
     # however far a group got past its last checkpoint before it was stopped, the run says how many it redid.
     losses_of_step = {}

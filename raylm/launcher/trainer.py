@@ -14,7 +14,7 @@ from ray.train.torch import TorchTrainer
 
 from raylm import storage
 from raylm.cluster.backend import WorkersOnlyConfig
-from raylm.cluster.scaling import without_autoscaler
+from raylm.cluster.scaling import for_raylm
 from raylm.configs.schema import RunConfig
 from raylm.errors import Stopped
 from raylm.launcher.ray_entry import train_loop_per_worker
@@ -42,6 +42,9 @@ class _RaylmTrainer(TorchTrainer):
       a dashboard every ask fails (a warning a second in its log), so it could never act;
     - on a cluster without an autoscaler (the embedded one), the fixed-size policy's ``_AutoscalingCoordinatorActor``,
       which the controller waits for before the first worker group (``raylm.cluster.scaling``).
+
+    An elastic run's policy sizes the worker group from the nodes as they are, not as Ray's coordinator saw them
+    up to 20 s before (``raylm.cluster.scaling``).
     """
 
     def __init__(self, *args, embedded: bool, **kwargs):
@@ -49,8 +52,8 @@ class _RaylmTrainer(TorchTrainer):
         super().__init__(*args, **kwargs)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        if self._embedded and "scaling_policy" in controller_init_kwargs:
-            controller_init_kwargs["scaling_policy"] = without_autoscaler(controller_init_kwargs["scaling_policy"])
+        if "scaling_policy" in controller_init_kwargs:
+            controller_init_kwargs["scaling_policy"] = for_raylm(controller_init_kwargs["scaling_policy"], self._embedded)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def fit(self):
