@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -15,6 +16,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # Nothing may come from the Hugging Face hub; set before transformers, datasets or lm-eval read it at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Ctrl-C as an interactive run has it: a suite started in the background of a non-interactive shell inherits SIGINT
+# ignored (bash does that to background jobs), and so would every process it starts; the Ctrl-C tests need it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A short single-stage pretraining run of the tiny preset: every integration test starts from it.
 TINY_PRETRAIN = [
