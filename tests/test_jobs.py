@@ -59,7 +59,7 @@ def head(tmp_path_factory):
     address = f"http://127.0.0.1:{dashboard}"
     client_env = {**env, "RAY_ADDRESS": address}
     deadline = time.time() + 120
-    while not _jobs_api_answers(address, token.read_text()):
+    while not _jobs_api_answers(address, client_env):
         assert process.poll() is None, (home / "ray_start.log").read_text()[-3000:]
         assert time.time() < deadline, "the Ray head's dashboard did not answer within 120 s"
         time.sleep(0.2)
@@ -69,12 +69,20 @@ def head(tmp_path_factory):
     process.wait()
 
 
-def _jobs_api_answers(address: str, token: str) -> bool:
-    """Whether the head's Jobs API lists jobs (in this process: a `ray job list` process per look is a second of CPU)."""
-    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token.strip()}"})
+def _jobs_api(address: str, env: dict, path: str, timeout: float):
+    """What the head's Jobs REST API answers at ``path``, asked with the token in this process (a `ray job` or
+    `raylm logs` process per look is a second of CPU)."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{address}/api/jobs/{path}", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _jobs_api_answers(address: str, env: dict) -> bool:
+    """Whether the head's Jobs API lists jobs yet."""
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
+        _jobs_api(address, env, "", timeout=5)
+        return True
     except OSError:  # refused while the dashboard starts; an HTTP error until its Jobs module is up
         return False
 
@@ -132,11 +140,7 @@ def test_a_submitted_run_finishes_and_a_stopped_one_continues_on_relaunch(head, 
 
 
 def _job_status(address: str, env: dict, job: str) -> str:
-    """The job's status from the Jobs REST API, in this process (a `raylm logs` process per look is a second of CPU)."""
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    request = urllib.request.Request(f"{address}/api/jobs/{job}", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)["status"]
+    return _jobs_api(address, env, job, timeout=30)["status"]
 
 
 def _submit(env: dict, cwd: Path, *args: str) -> str:
