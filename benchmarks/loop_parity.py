@@ -9,8 +9,11 @@
    process) over torchrun's, each measured around its own command.
 
 Tokens/s is the median of the logged windows after the first (the first holds one-time warm-up), on every side.
+On shared cores one round's ratios move by 0.1 or more between runs of the same code (other tenants, the host),
+so ``--rounds N`` repeats every side N times, each round's sides back to back, and reports each ratio's
+median, lowest and highest over the rounds beside the rounds themselves.
 
-    .venv/bin/python benchmarks/loop_parity.py [--steps 25] [--out bench-out]
+    .venv/bin/python benchmarks/loop_parity.py [--steps 25] [--rounds 1] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -106,35 +109,55 @@ def outside_steps(wall_s: float, run_dir: Path) -> float:
     return wall_s - in_steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="raylm-parity-"))
+def one_round(root: Path, steps: int) -> dict:
+    """Every side once, into ``root``: the three rows' measures and ratios."""
+    root.mkdir(parents=True)
     peak = ["logging.mfu_peak_tflops=1"]  # no peak measured: the same start-up on every side
 
-    one = [*one_worker_overrides(args.steps), *peak]
-    plain = plain_loop(one, args.steps)
+    one = [*one_worker_overrides(steps), *peak]
+    plain = plain_loop(one, steps)
     torchrun_stage(root / "torchrun1", one, 1, 2)
     ray_launch(root, "ray1", one)
     one_torchrun, one_ray = window_rate(records(root / "torchrun1")), window_rate(records(root / "ray1"))
 
-    two = [*pretrain_overrides(args.steps, 2, 2, log_every=LOG_EVERY), *MODEL, *peak, "train.ckpt_every=0"]
+    two = [*pretrain_overrides(steps, 2, 2, log_every=LOG_EVERY), *MODEL, *peak, "train.ckpt_every=0"]
     torchrun_wall = torchrun_stage(root / "torchrun2", two, 2, 1)
     ray_wall = ray_launch(root, "ray2", two)
     two_torchrun, two_ray = window_rate(records(root / "torchrun2")), window_rate(records(root / "ray2"))
     torchrun_outside, ray_outside = outside_steps(torchrun_wall, root / "torchrun2"), outside_steps(ray_wall, root / "ray2")
-
-    write_result(args.out, "loop_parity", {
-        "cpu": cpu_model(),
-        "steps": args.steps,
+    return {
         "one_worker": {"plain_loop_tokens_per_s": plain, "torchrun_tokens_per_s": one_torchrun, "ray_tokens_per_s": one_ray,
                        "torchrun_over_plain": one_torchrun / plain, "ray_over_plain": one_ray / plain},
         "two_workers": {"torchrun_tokens_per_s": two_torchrun, "ray_tokens_per_s": two_ray, "ray_over_torchrun": two_ray / two_torchrun},
         "one_stage_outside_steps_s": {"torchrun": torchrun_outside, "ray_launch": ray_outside, "ray_over_torchrun": ray_outside / torchrun_outside,
                                       "torchrun_wall": torchrun_wall, "ray_launch_wall": ray_wall},
-    })
+    }
+
+
+RATIOS = (("one_worker", "torchrun_over_plain"), ("one_worker", "ray_over_plain"), ("two_workers", "ray_over_torchrun"),
+          ("one_stage_outside_steps_s", "ray_over_torchrun"))
+
+
+def spread(rounds: List[dict]) -> dict:
+    """Each ratio's median, lowest and highest over the rounds, by ``row.ratio``."""
+    out = {}
+    for row, ratio in RATIOS:
+        values = [r[row][ratio] for r in rounds]
+        out[f"{row}.{ratio}"] = {"median": statistics.median(values), "lowest": min(values), "highest": max(values)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="raylm-parity-"))
+    rounds = [one_round(root / f"round{index}", args.steps) for index in range(args.rounds)]
+    result = {"cpu": cpu_model(), "steps": args.steps, **rounds[0]} if args.rounds == 1 else \
+        {"cpu": cpu_model(), "steps": args.steps, "ratios": spread(rounds), "rounds": rounds}
+    write_result(args.out, "loop_parity", result)
 
 
 if __name__ == "__main__":
