@@ -153,11 +153,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="raylm-parity-"))
     rounds = [one_round(root / f"round{index}", args.steps) for index in range(args.rounds)]
-    result = {"cpu": cpu_model(), "steps": args.steps, **rounds[0]} if args.rounds == 1 else \
-        {"cpu": cpu_model(), "steps": args.steps, "ratios": spread(rounds), "rounds": rounds}
-    write_result(args.out, "loop_parity", result)
+    write_result(args.out, "loop_parity", {"cpu": cpu_model(), "steps": args.steps, "ratios": spread(rounds), "rounds": rounds})
 
 
 if __name__ == "__main__":
